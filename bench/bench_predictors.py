@@ -1,0 +1,118 @@
+"""Which regressor predicts operator latency best here: a per-kind table of cross-validated candidates.
+
+Measures operator variants with the service's own onnxruntime backend and measurement protocol (graphs from
+``latency_service.backends.onnx_graphs``), caches the medians in a JSON file so that refits do not re-measure, fits
+with :func:`predictors.fitting.fit_predictors` and prints, per kind, every candidate's cross-validated MAPE and share
+within ±10 %, the winner, fit time, and the time of 100k ``predict_ms`` calls on a channel grid.
+
+    python bench/bench_predictors.py --preset standard --per-kind 80 --cache /tmp/predictor_bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from predictors.fitting import fit_predictors
+from predictors.ops import Conv2d, OpSpec, op_from_dict
+
+
+def _select(ops: list[OpSpec], per_kind: int, seed: int) -> list[OpSpec]:
+    # Convolutions carry most of a network's time and the widest shape space, so they get four times the share.
+    by_kind: dict[str, list[OpSpec]] = defaultdict(list)
+    for op in ops:
+        by_kind[op.kind].append(op)
+    rng = random.Random(seed)
+    chosen: list[OpSpec] = []
+    for kind, variants in sorted(by_kind.items()):
+        quota = per_kind * (4 if kind == "conv2d" else 1)
+        chosen += variants if len(variants) <= quota else rng.sample(variants, quota)
+    return chosen
+
+
+def _measure(ops: list[OpSpec], cache: Path) -> list[tuple[OpSpec, float]]:
+    from latency_service.backends.onnxruntime import OnnxRuntimeBackend
+    from latency_service.measurement import MeasurementConfig, measure
+
+    stored: dict[str, dict[str, object]] = json.loads(cache.read_text()) if cache.exists() else {}
+    backend = OnnxRuntimeBackend(intra_op_threads=1, optimization_level="all")
+    config = MeasurementConfig()
+    started = time.perf_counter()
+    todo = [op for op in ops if op.key not in stored]
+    for i, op in enumerate(todo):
+        runnable = backend.prepare_op(op)
+        try:
+            stats = measure(runnable, config)
+        finally:
+            runnable.close()
+        stored[op.key] = {"op": op.to_dict(), "median_ms": stats.median_ms, "cv": stats.cv, "flagged": stats.flagged}
+        if (i + 1) % 50 == 0:
+            cache.write_text(json.dumps(stored))
+            print(f"  measured {i + 1}/{len(todo)} in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    cache.write_text(json.dumps(stored))
+    if todo:
+        print(f"measured {len(todo)} variants in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    return [(op, float(stored[op.key]["median_ms"])) for op in ops]  # type: ignore[arg-type]
+
+
+def _load_cached(cache: Path) -> list[tuple[OpSpec, float]]:
+    stored = json.loads(cache.read_text())
+    return [(op_from_dict(entry["op"]), float(entry["median_ms"])) for entry in stored.values()]
+
+
+def _table(reports: list) -> str:  # type: ignore[type-arg]
+    names = sorted({name for r in reports for name in r.candidates})
+    header = "| kind | n | " + " | ".join(names) + " | winner | within ±10 % |"
+    lines = [header, "|" + "---|" * (len(names) + 4)]
+    for r in reports:
+        cells = []
+        for name in names:
+            mape, within = r.candidates.get(name), r.candidates_within_10pct.get(name)
+            cells.append("–" if mape is None else f"{100 * mape:.1f} % / {100 * within:.0f} %")
+        within = "n/a" if r.within_10pct is None else f"{100 * r.within_10pct:.0f} %"
+        lines.append(f"| {r.op} | {r.n_samples} | " + " | ".join(cells) + f" | {r.model} | {within} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="standard", help="operator grid from latency_service.presets")
+    parser.add_argument("--per-kind", type=int, default=80, help="variants per kind (conv2d gets 4x)")
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/predictor_bench.json"))
+    parser.add_argument("--no-measure", action="store_true", help="fit on the cached measurements only")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    if args.no_measure:
+        samples = _load_cached(args.cache)
+    else:
+        from latency_service.presets import PRESETS
+
+        ops = _select(PRESETS[args.preset].build(), args.per_kind, args.seed)
+        samples = _measure(ops, args.cache)
+
+    started = time.perf_counter()
+    predictor, reports = fit_predictors(samples, seed=args.seed)
+    fit_s = time.perf_counter() - started
+    print(f"{len(samples)} measured variants, {len(reports)} kinds, fit with 5-fold CV in {fit_s:.1f} s\n")
+    print("cross-validated MAPE / share within ±10 % per candidate\n")
+    print(_table(reports))
+    weights = np.array([r.n_samples for r in reports], dtype=float)
+    within = np.array([r.within_10pct or 0.0 for r in reports])
+    print(f"\nall kinds, variant-weighted: {100 * float(weights @ within / weights.sum()):.1f} % within ±10 %")
+
+    grid = [Conv2d(cin=a, cout=b, hw=28, k=3, act="relu") for a in range(1, 65) for b in range(1, 65)] * 25
+    started = time.perf_counter()
+    predictor.predict_ms(grid)
+    print(f"predict_ms for {len(grid)} conv2d variants: {time.perf_counter() - started:.2f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,332 @@
+"""Search benchmark: does the exported network meet its latency target on a real device service?
+
+For each data set, three latency targets spread over the range the space can reach, and for each target:
+the measured latency of the exported network vs the target (goal ±10 %), its accuracy vs a uniform width-multiplier
+baseline of the same space at the same measured latency, the exact vs plug-in expectation (value gap and hit rate),
+search wall time vs plain training of the same supernet, and the cost terms' share of a training step (goal ≤ 5 %).
+
+It starts its own latency service on a loopback port (or uses ``--device URL``), profiles the space's own layers
+at a few widths, fits, calibrates the table → measured map with uniform-width models, and searches.
+
+    python bench/bench_search.py --quick            # digits, 1 seed (~10 minutes on 2 cores)
+    python bench/bench_search.py                    # digits and mnist5k, 3 seeds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from predictors.ops import OpSpec
+from search.costs import CostModel
+from search.data import DataBundle, load_dataset
+from search.export import LatencyCalibration, calibrate_device, evaluate, onnx_bytes
+from search.gates import GateConfig
+from search.service_client import DeviceService, dense_tables, table_layers
+from search.spaces.base import SearchSpace, create_space
+from search.trainer import SearchConfig, expected_costs, finetune, run_search, train_plain
+
+MULTIPLIERS = (0.25, 0.5, 0.75, 1.0)
+TARGET_FRACTIONS = (0.3, 0.55, 0.8)  # of the way from the narrowest to the full uniform model's measured latency
+
+
+@dataclass
+class Mode:
+    datasets: tuple[str, ...]
+    seeds: tuple[int, ...]
+    search_steps: int
+    finetune_steps: int
+    profile_fractions: tuple[float, ...]
+    overhead_steps: int
+
+
+QUICK = Mode(("digits",), (0,), 300, 150, (0.25, 0.5, 1.0), 40)
+FULL = Mode(("digits", "mnist5k"), (0, 1, 2), 600, 300, (0.125, 0.25, 0.5, 0.75, 1.0), 100)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def local_service() -> Iterator[str]:
+    """A real ``latency-service serve`` on a loopback port with a throwaway SQLite store."""
+    with tempfile.TemporaryDirectory(prefix="figs-bench-") as data_dir:
+        port = free_port()
+        log = open(Path(data_dir) / "service.log", "w")  # noqa: SIM115 - closed below, after the process
+        process = subprocess.Popen(
+            [sys.executable, "-m", "latency_service", "serve", "--port", str(port), "--data-dir", data_dir],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "FIGS_DEVICE_ID": "bench-cpu"},
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            probe = DeviceService(url, retries=0)
+            deadline = time.monotonic() + 60
+            while not probe.health():
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"latency service did not start: {(Path(data_dir) / 'service.log').read_text()}")
+                time.sleep(0.3)
+            yield url
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+            log.close()
+
+
+def space_profile_ops(space: SearchSpace, fractions: tuple[float, ...]) -> list[OpSpec]:
+    """The space's own layers at a few widths: the tables then interpolate between measured neighbours."""
+    ops: dict[str, OpSpec] = {}
+    for layer in space.latency_layers():
+        cins = {max(1, round(layer.cin * f)) for f in fractions} if layer.input_gated else {layer.cin}
+        couts = {max(1, round(layer.cout * f)) for f in fractions} if layer.output_gated else {layer.cout}
+        for cin in cins:
+            for cout in couts:
+                op = layer.op_at(cin, cout)
+                ops[op.key] = op
+    return list(ops.values())
+
+
+def uniform_space(bundle: DataBundle, multiplier: float) -> SearchSpace:
+    return create_space(
+        "blocks",
+        in_channels=bundle.in_channels,
+        num_classes=bundle.num_classes,
+        image_size=bundle.image_size,
+        width_multiplier=multiplier,
+        gate=GateConfig(fixed_on=True),
+    )
+
+
+def search_once(
+    bundle: DataBundle,
+    service: DeviceService,
+    tables: list[torch.Tensor],
+    calibration: LatencyCalibration,
+    target_ms: float,
+    seed: int,
+    mode: Mode,
+    expectation: str,
+) -> dict[str, Any]:
+    torch.manual_seed(seed)
+    space = create_space("blocks", in_channels=bundle.in_channels, num_classes=bundle.num_classes, image_size=bundle.image_size)
+    config = SearchConfig(
+        steps=mode.search_steps,
+        target_latency_ms={"cpu": calibration.to_table(target_ms)},
+        expectation=expectation,  # type: ignore[arg-type]
+        seed=seed,
+    )
+    result = run_search(config, space, bundle, {"cpu": tables}, progress=False)
+    compact, arch = space.compact()
+    started = time.perf_counter()
+    finetune(compact, bundle, mode.finetune_steps, seed=seed)
+    finetune_seconds = time.perf_counter() - started
+    onnx = onnx_bytes(compact, bundle.in_channels, bundle.image_size)
+    measured = service.measure_model(onnx).median_ms
+    predicted = service.predict_model(onnx).total_ms
+    assert bundle.test is not None
+    return {
+        "target_ms": target_ms,
+        "seed": seed,
+        "expectation": expectation,
+        "expected_table_ms": result.final_costs["latency_ms/cpu"],
+        "expected_ms": calibration.to_measured(result.final_costs["latency_ms/cpu"]),
+        "predicted_ms": predicted,
+        "measured_ms": measured,
+        "error": measured / target_ms - 1,
+        "accuracy": evaluate(compact, bundle.test).accuracy,
+        "search_seconds": result.wall_seconds,
+        "finetune_seconds": finetune_seconds,
+        "cost_seconds": result.cost_seconds,
+        "steps": result.steps_done,
+        "nodes": len(arch["nodes"]),
+    }
+
+
+def baseline_once(bundle: DataBundle, service: DeviceService, multiplier: float, seed: int, steps: int) -> dict[str, Any]:
+    """The uniform-width model trained for as many steps as search plus fine-tune took."""
+    torch.manual_seed(seed)
+    model, _ = uniform_space(bundle, multiplier).compact()
+    train_plain(model, bundle, steps, seed=seed)
+    measured = service.measure_model(onnx_bytes(model, bundle.in_channels, bundle.image_size)).median_ms
+    assert bundle.test is not None
+    return {"multiplier": multiplier, "seed": seed, "measured_ms": measured, "accuracy": evaluate(model, bundle.test).accuracy}
+
+
+def multiplier_for(calibration: LatencyCalibration, target_ms: float) -> float:
+    """The width multiplier whose uniform model measured ``target_ms`` (interpolated between calibration models)."""
+    measured = [p[1] for p in calibration.points]
+    return float(np.interp(target_ms, measured, MULTIPLIERS))
+
+
+def step_overhead(bundle: DataBundle, tables: list[torch.Tensor], steps: int) -> dict[str, float]:
+    """Median step time with and without the cost terms (forward and backward) on the same supernet."""
+    space = create_space("blocks", in_channels=bundle.in_channels, num_classes=bundle.num_classes, image_size=bundle.image_size)
+    cost_model = CostModel(space, {"cpu": tables}, mode="exact")
+    optimiser = torch.optim.Adam(space.parameters(), lr=1e-3)
+    loader = torch.utils.data.DataLoader(bundle.train, batch_size=64, shuffle=True, drop_last=True)
+    batches = [b for b, _ in zip(loader, range(steps), strict=False)]
+    timings: dict[str, list[float]] = {"with_costs": [], "without_costs": []}
+    for index in range(2 * len(batches)):
+        inputs, labels = batches[index // 2]
+        with_costs = index % 2 == 0  # interleaved, so machine noise hits both alike
+        started = time.perf_counter()
+        loss = torch.nn.functional.cross_entropy(space(inputs), labels)
+        if with_costs:
+            costs = expected_costs(cost_model, ["cpu"])
+            loss = loss + sum(costs.values()) * 1e-6
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        timings["with_costs" if with_costs else "without_costs"].append(time.perf_counter() - started)
+    with_ms = statistics.median(timings["with_costs"][3:]) * 1e3
+    without_ms = statistics.median(timings["without_costs"][3:]) * 1e3
+    return {"step_ms_with_costs": with_ms, "step_ms_without_costs": without_ms, "overhead": with_ms / without_ms - 1}
+
+
+def plain_training_seconds(bundle: DataBundle, steps: int) -> float:
+    """Wall time of training the same supernet without gates or costs (all gates fixed on)."""
+    space = create_space(
+        "blocks",
+        in_channels=bundle.in_channels,
+        num_classes=bundle.num_classes,
+        image_size=bundle.image_size,
+        gate=GateConfig(fixed_on=True),
+    )
+    started = time.perf_counter()
+    train_plain(space, bundle, steps)
+    return time.perf_counter() - started
+
+
+def bench_dataset(name: str, service: DeviceService, mode: Mode) -> dict[str, Any]:
+    bundle = load_dataset(name)
+    supernet = create_space("blocks", in_channels=bundle.in_channels, num_classes=bundle.num_classes, image_size=bundle.image_size)
+    layers = supernet.latency_layers()
+    tables = dense_tables(layers, service.latency_tables(table_layers(layers, 4)))
+    uniform = [uniform_space(bundle, m) for m in MULTIPLIERS]
+    calibration = calibrate_device(service, uniform, in_channels=bundle.in_channels, image_size=bundle.image_size)
+    print(f"[{name}] calibration: measured = {calibration.offset_ms:.4f} + {calibration.scale:.4f} · table  points={calibration.points}")
+    low, high = calibration.points[0][1], calibration.points[-1][1]
+    targets = [low + f * (high - low) for f in TARGET_FRACTIONS]
+    runs: list[dict[str, Any]] = []
+    baselines: list[dict[str, Any]] = []
+    for target in targets:
+        for seed in mode.seeds:
+            for expectation in ("exact", "plugin"):
+                run = search_once(bundle, service, tables, calibration, target, seed, mode, expectation)
+                runs.append(run)
+                print(f"[{name}] {json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in run.items()})}")
+            multiplier = multiplier_for(calibration, target)
+            base = baseline_once(bundle, service, multiplier, seed, mode.search_steps + mode.finetune_steps)
+            base["target_ms"] = target
+            baselines.append(base)
+            print(f"[{name}] baseline {json.dumps(base)}")
+    overhead = step_overhead(bundle, tables, mode.overhead_steps)
+    plain_seconds = plain_training_seconds(bundle, mode.search_steps)
+    gap = exact_vs_plugin_gap(supernet, tables)
+    return {
+        "dataset": name,
+        "calibration": {"offset_ms": calibration.offset_ms, "scale": calibration.scale, "points": calibration.points},
+        "targets_ms": targets,
+        "runs": runs,
+        "baselines": baselines,
+        "overhead": overhead,
+        "plain_training_seconds": plain_seconds,
+        "exact_vs_plugin": gap,
+    }
+
+
+def exact_vs_plugin_gap(space: SearchSpace, tables: list[torch.Tensor], draws: int = 20) -> dict[str, float]:
+    """Relative gap between plug-in and exact expected latency over random gate states of the supernet."""
+    exact = CostModel(space, {"cpu": tables}, mode="exact")
+    plugin = CostModel(space, {"cpu": tables}, mode="plugin")
+    generator = torch.Generator().manual_seed(0)
+    gaps = []
+    with torch.no_grad():
+        for _ in range(draws):
+            for gate in space.gates():
+                gate.log_odds.copy_(torch.randn(gate.log_odds.shape, generator=generator) * 2.0)
+            e, p = float(exact.expected_latency_ms("cpu")), float(plugin.expected_latency_ms("cpu"))
+            gaps.append(p / e - 1)
+    return {"mean_gap": float(np.mean(gaps)), "max_abs_gap": float(np.max(np.abs(gaps))), "draws": draws}
+
+
+def summarise(results: list[dict[str, Any]]) -> str:
+    lines = ["| data | expectation | target ms | measured ms (mean) | error | within ±10 % | accuracy | baseline acc. |",
+             "|---|---|---|---|---|---|---|---|"]
+    for result in results:
+        for target in result["targets_ms"]:
+            base = [b for b in result["baselines"] if b["target_ms"] == target]
+            for expectation in ("exact", "plugin"):
+                runs = [r for r in result["runs"] if r["target_ms"] == target and r["expectation"] == expectation]
+                hits = sum(abs(r["error"]) <= 0.10 for r in runs)
+                lines.append(
+                    f"| {result['dataset']} | {expectation} | {target:.4f} | "
+                    f"{np.mean([r['measured_ms'] for r in runs]):.4f} | {np.mean([r['error'] for r in runs]):+.1%} | "
+                    f"{hits}/{len(runs)} | {np.mean([r['accuracy'] for r in runs]):.3f} | "
+                    f"{np.mean([b['accuracy'] for b in base]):.3f} (×{base[0]['multiplier']:.2f}, "
+                    f"{np.mean([b['measured_ms'] for b in base]):.4f} ms) |"
+                )
+    for result in results:
+        o = result["overhead"]
+        search_s = np.mean([r["search_seconds"] for r in result["runs"] if r["expectation"] == "exact"])
+        lines.append("")
+        lines.append(
+            f"{result['dataset']}: cost terms {o['overhead']:+.1%} of a step ({o['step_ms_with_costs']:.1f} vs "
+            f"{o['step_ms_without_costs']:.1f} ms); search {search_s:.1f} s vs plain training "
+            f"{result['plain_training_seconds']:.1f} s; plug-in vs exact expected latency: mean gap "
+            f"{result['exact_vs_plugin']['mean_gap']:+.1%}, max |gap| {result['exact_vs_plugin']['max_abs_gap']:.1%}"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="digits only, one seed, shorter searches")
+    parser.add_argument("--device", help="use this latency service instead of starting one (it must be profiled)")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/search.json"))
+    args = parser.parse_args()
+    mode = QUICK if args.quick else FULL
+    torch.set_num_threads(1)  # the service measures on the other core; keep training off it
+    with contextmanager(lambda: iter([args.device]))() if args.device else local_service() as url:
+        service = DeviceService(url)
+        if not args.device:
+            ops: dict[str, OpSpec] = {}
+            for name in mode.datasets:
+                bundle = load_dataset(name)
+                for op in space_profile_ops(
+                    create_space("blocks", in_channels=bundle.in_channels, num_classes=bundle.num_classes, image_size=bundle.image_size),
+                    mode.profile_fractions,
+                ):
+                    ops[op.key] = op
+            started = time.perf_counter()
+            job = service.wait_job(service.submit_job(ops=ops.values()), timeout=3600)
+            print(f"profiled {job['done']} variants ({job['failed']} failed) in {time.perf_counter() - started:.0f} s")
+            fit = service.fit()
+            print("fit:", json.dumps(fit)[:400])
+        results = [bench_dataset(name, service, mode) for name in mode.datasets]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(summarise(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""HTTP API v1 of the latency service (FastAPI)."""

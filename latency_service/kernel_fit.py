@@ -1,0 +1,242 @@
+"""Kernel latency regressors: one per kernel class, fitted on in-context samples, stored as portable JSON.
+
+Three regressor families are compared on held-out kernels *and* held-out networks (grouped cross-validation, so a
+network's kernels never train the model that predicts it): a random forest and gradient boosting on the log of the
+latency (kernel times span four decades; a log target weighs a 5 µs reorder like a 5 ms convolution), and a
+roofline ``max(a·FLOPs, b·bytes) + c`` per class.  The winner on held-out networks is the one the service keeps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from predictors.kernels import FEATURE_NAMES, Kernel
+from predictors.portable import Roofline, export_model, load_model
+
+if TYPE_CHECKING:
+    from latency_service.kernel_profiling import KernelSample, ProfiledNetwork
+
+METHODS: tuple[str, ...] = ("random_forest", "gradient_boosting", "roofline")
+DEFAULT_METHOD = "random_forest"
+MIN_CLASS_SAMPLES = 8
+PREDICTOR_FORMAT = 1
+
+
+@dataclass
+class ClassModel:
+    """One kernel class's regressor; ``log_target`` says the model predicts log(ms)."""
+
+    model: Any
+    log_target: bool
+
+    def predict_ms(self, x: np.ndarray) -> np.ndarray:
+        raw = np.asarray(self.model.predict(x), dtype=np.float64)
+        return np.exp(raw) if self.log_target else np.maximum(raw, 0.0)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model": self.model.to_json(), "log_target": self.log_target}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ClassModel:
+        return cls(load_model(data["model"]), bool(data["log_target"]))
+
+
+@dataclass
+class KernelPredictor:
+    """Whole-model latency = per-run constant + Σ kernel predictions (kernels of the runtime's optimised graph)."""
+
+    models: dict[str, ClassModel]
+    overhead_ms: float
+    block_size: int
+    method: str
+    fallback_ms_per_byte: float
+    fallback_const_ms: float
+    n_samples: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def version(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def fallback_ms(self, kernel: Kernel) -> float:
+        """The estimate used for a kernel no regressor models: a memory-bound line over the bytes it touches."""
+        elements = sum(int(np.prod(s)) for s in (*kernel.input_shapes, *kernel.output_shapes))
+        return self.fallback_const_ms + self.fallback_ms_per_byte * 4.0 * elements
+
+    def predict(self, kernels: Sequence[Kernel]) -> list[tuple[float, str]]:
+        """(ms, source) per kernel; source is ``"regressor:<class>"`` or ``"fallback"`` (then it is unmodelled)."""
+        results: list[tuple[float, str]] = [(0.0, "fallback")] * len(kernels)
+        by_class: dict[str, list[int]] = {}
+        for i, kernel in enumerate(kernels):
+            if kernel.kernel_class in self.models:
+                by_class.setdefault(kernel.kernel_class, []).append(i)
+            else:
+                results[i] = (self.fallback_ms(kernel), "fallback")
+        for kernel_class, indices in by_class.items():
+            x = np.array([kernels[i].features for i in indices], dtype=np.float64)
+            for i, ms in zip(indices, self.models[kernel_class].predict_ms(x), strict=True):
+                results[i] = (float(ms), f"regressor:{kernel_class}")
+        return results
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": PREDICTOR_FORMAT,
+            "method": self.method,
+            "overhead_ms": self.overhead_ms,
+            "block_size": self.block_size,
+            "fallback_ms_per_byte": self.fallback_ms_per_byte,
+            "fallback_const_ms": self.fallback_const_ms,
+            "n_samples": self.n_samples,
+            "models": {name: model.to_json() for name, model in sorted(self.models.items())},
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> KernelPredictor:
+        if data.get("format") != PREDICTOR_FORMAT:
+            raise ValueError(f"format: this code reads kernel predictors of format {PREDICTOR_FORMAT}")
+        return cls(
+            models={name: ClassModel.from_json(m) for name, m in data["models"].items()},
+            overhead_ms=float(data["overhead_ms"]),
+            block_size=int(data["block_size"]),
+            method=str(data["method"]),
+            fallback_ms_per_byte=float(data["fallback_ms_per_byte"]),
+            fallback_const_ms=float(data["fallback_const_ms"]),
+            n_samples={k: int(v) for k, v in data.get("n_samples", {}).items()},
+        )
+
+
+def _fit_roofline(x: np.ndarray, y: np.ndarray, compute: int, memory: int) -> Roofline:
+    """Least squares in log space over a grid of compute/memory rates; c is the fitted per-kernel dispatch cost."""
+    from scipy.optimize import least_squares
+
+    flops, bytes_ = x[:, compute], x[:, memory]
+
+    def residual(p: np.ndarray) -> np.ndarray:
+        a, b, c = np.exp(p)
+        return np.log(np.maximum(a * flops, b * bytes_) + c) - np.log(y)
+
+    start = np.log([max(np.median(y / np.maximum(flops, 1)), 1e-12), max(np.median(y / bytes_), 1e-12), 1e-3])
+    fitted = least_squares(residual, start, loss="soft_l1").x
+    a, b, c = (float(v) for v in np.exp(fitted))
+    return Roofline(a=a, b=b, c=c, compute_column=compute, memory_column=memory, n_features=x.shape[1])
+
+
+def fit_class_model(x: np.ndarray, y: np.ndarray, kernel_class: str, method: str, seed: int = 0) -> ClassModel:
+    if method == "roofline":
+        names = FEATURE_NAMES[kernel_class]
+        memory = names.index("bytes") if "bytes" in names else 0
+        compute = names.index("flops") if "flops" in names else memory
+        return ClassModel(_fit_roofline(x, y, compute, memory), log_target=False)
+    if method == "random_forest":
+        from sklearn.ensemble import RandomForestRegressor
+
+        estimator: Any = RandomForestRegressor(n_estimators=60, min_samples_leaf=2, random_state=seed, n_jobs=1)
+    elif method == "gradient_boosting":
+        from sklearn.ensemble import GradientBoostingRegressor
+
+        estimator = GradientBoostingRegressor(n_estimators=300, max_depth=4, learning_rate=0.08, random_state=seed)
+    else:
+        raise ValueError(f"method: must be one of {', '.join(METHODS)}, got {method!r}")
+    estimator.fit(x, np.log(y))
+    return ClassModel(export_model(estimator), log_target=True)
+
+
+def fit_kernel_predictor(
+    samples: Sequence[KernelSample],
+    *,
+    overhead_ms: float,
+    block_size: int,
+    method: str = DEFAULT_METHOD,
+    seed: int = 0,
+) -> KernelPredictor:
+    """One regressor per kernel class with at least MIN_CLASS_SAMPLES samples."""
+    by_class: dict[str, list[KernelSample]] = {}
+    for sample in samples:
+        by_class.setdefault(sample.kernel_class, []).append(sample)
+    models: dict[str, ClassModel] = {}
+    counts: dict[str, int] = {}
+    for kernel_class, rows in sorted(by_class.items()):
+        if len(rows) < MIN_CLASS_SAMPLES:
+            continue
+        x = np.array([r.features for r in rows], dtype=np.float64)
+        y = np.maximum(np.array([r.latency_ms for r in rows], dtype=np.float64), 1e-5)
+        models[kernel_class] = fit_class_model(x, y, kernel_class, method, seed)
+        counts[kernel_class] = len(rows)
+    per_byte, const = _fit_fallback(samples)
+    return KernelPredictor(models, overhead_ms, block_size, method, per_byte, const, counts)
+
+
+def _fit_fallback(samples: Sequence[KernelSample]) -> tuple[float, float]:
+    """A memory-bound line ms = c + bytes/bandwidth from the data-movement-like kernels (reorders, elementwise)."""
+    rows = [s for s in samples if s.kernel_class in ("reorder", "elementwise", "data_movement", "concat")]
+    if len(rows) < 4:
+        return 1e-9, 0.003
+    bytes_ = np.array([s.features[-1] for s in rows])
+    y = np.array([s.latency_ms for s in rows])
+    slope, intercept = np.polyfit(bytes_, y, 1)
+    return float(max(slope, 1e-12)), float(max(intercept, 0.0))
+
+
+def network_predictions(
+    networks: Sequence[ProfiledNetwork], *, method: str = DEFAULT_METHOD, folds: int = 3, seed: int = 0
+) -> np.ndarray:
+    """Cross-validated whole-network predictions: each network predicted by a model that never saw it."""
+    order = np.random.default_rng(seed).permutation(len(networks))
+    fold_of = np.empty(len(networks), dtype=int)
+    fold_of[order] = np.arange(len(networks)) % folds
+    predicted = np.zeros(len(networks))
+    for fold in range(folds):
+        train = [n for n, f in zip(networks, fold_of, strict=True) if f != fold]
+        samples = [s for n in train for s in n.samples()]
+        predictor = fit_kernel_predictor(samples, overhead_ms=train[0].overhead_ms, block_size=16, method=method)
+        for i in np.flatnonzero(fold_of == fold):
+            network = networks[i]
+            kernel_ms = sum(ms for ms, _ in predictor.predict(network.kernels))
+            predicted[i] = network.overhead_ms + kernel_ms
+    return predicted
+
+
+def network_errors(networks: Sequence[ProfiledNetwork], *, method: str = DEFAULT_METHOD, seed: int = 0) -> list[float]:
+    """Relative error (predicted / measured − 1) of every network under grouped cross-validation."""
+    predicted = network_predictions(networks, method=method, seed=seed)
+    return [float(p / n.wall_ms - 1.0) for p, n in zip(predicted, networks, strict=True)]
+
+
+def compare_methods(networks: Sequence[ProfiledNetwork], *, seed: int = 0) -> list[dict[str, Any]]:
+    """Held-out kernels (MAPE) and held-out networks (share within ±10 %, RMSPE) for every method."""
+    report = []
+    for method in METHODS:
+        errors = np.array(network_errors(networks, method=method, seed=seed))
+        kernel_errors = _heldout_kernel_errors(networks, method, seed)
+        report.append(
+            {
+                "method": method,
+                "kernel_mape": float(np.mean(np.abs(kernel_errors))),
+                "kernel_within_10pct": float(np.mean(np.abs(kernel_errors) <= 0.10)),
+                "network_within_10pct": float(np.mean(np.abs(errors) <= 0.10)),
+                "network_within_5pct": float(np.mean(np.abs(errors) <= 0.05)),
+                "network_rmspe": float(np.sqrt(np.mean(errors**2))),
+            }
+        )
+    return report
+
+
+def _heldout_kernel_errors(networks: Sequence[ProfiledNetwork], method: str, seed: int) -> np.ndarray:
+    half = len(networks) // 2
+    order = np.random.default_rng(seed + 1).permutation(len(networks))
+    train = [networks[i] for i in order[:half]]
+    test = [networks[i] for i in order[half:]]
+    predictor = fit_kernel_predictor(
+        [s for n in train for s in n.samples()], overhead_ms=train[0].overhead_ms, block_size=16, method=method
+    )
+    errors = []
+    for network in test:
+        modelled = [(k, r) for k, r in zip(network.kernels, network.reconciled_ms, strict=True) if k.kernel_class]
+        predicted = predictor.predict([k for k, _ in modelled])
+        errors.extend((ms / max(r, 1e-6)) - 1.0 for (ms, _), (_, r) in zip(predicted, modelled, strict=True))
+    return np.asarray(errors)

@@ -1,0 +1,294 @@
+"""Whole-model latency: predict an ONNX model from its kernels, measure it end to end, and keep both in the store.
+
+Prediction = per-run constant + Σ kernel predictions, where the kernels are the nodes of the graph the backend's own
+optimiser produces for this model (fusions, folded BN, NCHWc reorders included), and each kernel's regressor was
+fitted on in-context samples (:mod:`latency_service.kernel_profiling`).  A kernel of a class no regressor covers is
+never dropped: it is predicted with a memory-bound fallback and listed in ``unmodelled`` with that estimate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import onnx
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from latency_service import store
+from latency_service.backends.base import Backend
+from latency_service.kernel_fit import DEFAULT_METHOD, KernelPredictor, compare_methods, fit_kernel_predictor
+from latency_service.kernel_models import KernelPredictorRow, KernelSampleRow, ProfiledNetworkRow
+from latency_service.kernel_profiling import KernelSample, ProfiledNetwork, optimise
+from latency_service.measurement import MeasurementConfig, measure
+from predictors.kernels import KernelDecompositionError, decompose
+
+
+class InvalidModelError(ValueError):
+    """The uploaded model cannot be used; ``field`` is the request part at fault (the body)."""
+
+    def __init__(self, message: str, field: str = "body") -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class NoKernelPredictorError(LookupError):
+    """No kernel predictor has been fitted for this device class yet (run the ``standard`` preset)."""
+
+
+def model_sha256(model_bytes: bytes) -> str:
+    return hashlib.sha256(model_bytes).hexdigest()
+
+
+def validate_model(model_bytes: bytes) -> onnx.ModelProto:
+    """Parse and check an uploaded model: a valid ONNX protobuf with a graph and static input shapes.
+
+    Raises:
+        InvalidModelError: naming what is wrong with the body.
+    """
+    if not model_bytes:
+        raise InvalidModelError("empty body: send the ONNX model as application/octet-stream")
+    try:
+        model = onnx.load_model_from_string(model_bytes)
+    except Exception as exc:  # protobuf's DecodeError and friends share no useful base class
+        raise InvalidModelError(f"not a valid ONNX protobuf: {exc}") from exc
+    if not model.graph.node:
+        raise InvalidModelError("the ONNX graph has no nodes")
+    initializers = {i.name for i in model.graph.initializer}
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        if not dims or not all(d.HasField("dim_value") and d.dim_value > 0 for d in dims):
+            raise InvalidModelError(f"input {value.name!r} has no static shape; export with fixed input sizes")
+    return model
+
+
+def _optimised(backend: Backend, model_bytes: bytes) -> onnx.ModelProto:
+    try:
+        return optimise(backend, model_bytes)
+    except Exception as exc:  # onnxruntime's errors (invalid graph, unsupported op) all mean the body is unusable
+        raise InvalidModelError(f"the runtime cannot load this model: {exc}") from exc
+
+
+def predict_with(predictor: KernelPredictor, backend: Backend, model_bytes: bytes) -> dict[str, Any]:
+    """Predict one model with a given kernel predictor (the service and the benchmark share this)."""
+    validate_model(model_bytes)
+    optimised = _optimised(backend, model_bytes)
+    try:
+        kernels = decompose(optimised, block_size=predictor.block_size)
+    except KernelDecompositionError as exc:
+        raise InvalidModelError(f"cannot infer kernel shapes: {exc}") from exc
+    predictions = predictor.predict(kernels)
+    rows = []
+    unmodelled = []
+    for kernel, (ms, source) in zip(kernels, predictions, strict=True):
+        rows.append({"name": kernel.name, "ops": kernel.ops, "latency_ms": ms, "source": source})
+        if source == "fallback":
+            reason = "no regressor for this kernel class" if kernel.kernel_class else "operator type not modelled"
+            unmodelled.append(
+                {"name": kernel.name, "op_type": kernel.op_type, "kernel_class": kernel.kernel_class,
+                 "latency_ms": ms, "estimate": "memory-bound fallback", "reason": reason}
+            )  # fmt: skip
+    kernel_total = math.fsum(ms for ms, _ in predictions)
+    return {
+        "total_ms": predictor.overhead_ms + kernel_total,
+        "per_run_overhead_ms": predictor.overhead_ms,
+        "kernels": rows,
+        "unmodelled": unmodelled,
+        "predictor_version": predictor.version,
+        "method": predictor.method,
+    }
+
+
+def latest_kernel_predictor(*, session: Session, device_class: str) -> tuple[KernelPredictor, KernelPredictorRow]:
+    row = session.scalars(
+        select(KernelPredictorRow)
+        .where(KernelPredictorRow.device_class == device_class)
+        .order_by(KernelPredictorRow.id.desc())
+        .limit(1)
+    ).first()
+    if row is None:
+        raise NoKernelPredictorError(
+            f"no whole-model predictor for device class {device_class}: run the 'standard' preset first"
+        )
+    return KernelPredictor.from_json(row.payload), row
+
+
+def predict_model(model_bytes: bytes, *, session: Session, device: Any, settings: Any, backend: Backend) -> dict:
+    """Predicted whole-model latency on ``device`` (a ServiceState-like object with ``device_class``)."""
+    predictor, _ = latest_kernel_predictor(session=session, device_class=device.device_class)
+    return predict_with(predictor, backend, model_bytes)
+
+
+def measure_model(
+    model_bytes: bytes,
+    *,
+    session: Session,
+    device_id: str,
+    backend: Backend,
+    config: MeasurementConfig,
+    overhead_ms: float | None,
+    environment: dict[str, Any],
+    model_name: str | None = None,
+) -> dict[str, Any]:
+    """Measure a model end to end with the service's protocol and store the measurement (caller commits).
+
+    The caller holds the process-wide measurement lock: two timings on one CPU corrupt each other.
+    """
+    validate_model(model_bytes)
+    try:
+        runnable = backend.prepare_model(model_bytes)
+    except Exception as exc:  # the runtime refusing the graph is a property of the body
+        raise InvalidModelError(f"the runtime cannot load this model: {exc}") from exc
+    try:
+        stats = measure(runnable, config, overhead_ms=overhead_ms)
+    finally:
+        runnable.close()
+    digest = model_sha256(model_bytes)
+    store.add_model_measurement(
+        session=session,
+        device_id=device_id,
+        model_sha256=digest,
+        stats=stats,
+        environment=environment,
+        model_name=model_name,
+    )
+    return {
+        "median_ms": stats.median_ms,
+        "p10_ms": stats.p10_ms,
+        "p90_ms": stats.p90_ms,
+        "n": stats.n,
+        "mean_ms": stats.mean_ms,
+        "cv": stats.cv,
+        "flagged": stats.flagged,
+        "model_sha256": digest,
+    }
+
+
+# ---- persistence of in-context samples and the fitted kernel predictor ---------------------------------------------
+def save_profiled_networks(
+    *, session: Session, device_id: str, networks: Sequence[ProfiledNetwork], environment: dict[str, Any]
+) -> int:
+    """Store networks and their reconciled kernel samples (caller commits); returns the number of samples."""
+    count = 0
+    for network in networks:
+        row = ProfiledNetworkRow(
+            device_id=device_id,
+            network_id=network.network_id,
+            description=network.description,
+            wall_ms=network.wall_ms,
+            overhead_ms=network.overhead_ms,
+            n_kernels=len(network.kernels),
+            environment=environment,
+        )
+        session.add(row)
+        session.flush()
+        for sample in network.samples():
+            session.add(
+                KernelSampleRow(
+                    network_row_id=row.id,
+                    device_id=device_id,
+                    kernel_class=sample.kernel_class,
+                    op_type=sample.op_type,
+                    features=list(sample.features),
+                    latency_ms=sample.latency_ms,
+                    profiled_ms=sample.profiled_ms,
+                )
+            )
+            count += 1
+    session.flush()
+    return count
+
+
+def clear_kernel_samples(*, session: Session, device_id: str) -> None:
+    """Forget a device's in-context samples (a forced re-profile replaces them rather than mixing runs)."""
+    session.execute(delete(KernelSampleRow).where(KernelSampleRow.device_id == device_id))
+    session.execute(delete(ProfiledNetworkRow).where(ProfiledNetworkRow.device_id == device_id))
+
+
+def stored_kernel_samples(*, session: Session, device_id: str) -> tuple[list[KernelSample], float]:
+    """The device's stored samples and the median per-run constant of their networks."""
+    rows = session.execute(
+        select(KernelSampleRow, ProfiledNetworkRow.network_id, ProfiledNetworkRow.overhead_ms)
+        .join(ProfiledNetworkRow, ProfiledNetworkRow.id == KernelSampleRow.network_row_id)
+        .where(KernelSampleRow.device_id == device_id)
+    ).all()
+    samples = [
+        KernelSample(r.kernel_class, r.op_type, tuple(r.features), r.latency_ms, r.profiled_ms, network_id)
+        for r, network_id, _ in rows
+    ]
+    overheads = sorted(overhead for _, _, overhead in rows)
+    return samples, (overheads[len(overheads) // 2] if overheads else 0.0)
+
+
+def save_kernel_predictor(
+    *,
+    session: Session,
+    device_id: str,
+    device_class: str,
+    predictor: KernelPredictor,
+    report: dict[str, Any],
+) -> KernelPredictorRow:
+    row = KernelPredictorRow(
+        device_id=device_id,
+        device_class=device_class,
+        version=predictor.version,
+        method=predictor.method,
+        payload=predictor.to_json(),
+        report=report,
+    )
+    session.add(row)
+    session.flush()
+    return row
+
+
+def fit_and_store(
+    *,
+    session: Session,
+    device_id: str,
+    device_class: str,
+    networks: Sequence[ProfiledNetwork],
+    block_size: int,
+    compare: bool = True,
+) -> KernelPredictorRow:
+    """Compare regressors on held-out networks, fit the winner on everything, store it (caller commits)."""
+    samples = [s for n in networks for s in n.samples()]
+    overhead = sorted(n.overhead_ms for n in networks)[len(networks) // 2]
+    comparison = compare_methods(networks) if compare and len(networks) >= 12 else []
+    method = max(comparison, key=lambda r: (r["network_within_10pct"], -r["network_rmspe"]))["method"] if comparison \
+        else DEFAULT_METHOD  # fmt: skip
+    predictor = fit_kernel_predictor(samples, overhead_ms=overhead, block_size=block_size, method=method)
+    report = {
+        "method": method,
+        "comparison": comparison,
+        "networks": len(networks),
+        "samples": len(samples),
+        "per_class": predictor.n_samples,
+    }
+    return save_kernel_predictor(
+        session=session, device_id=device_id, device_class=device_class, predictor=predictor, report=report
+    )
+
+
+def predictor_summary(row: KernelPredictorRow) -> dict[str, Any]:
+    return {"version": row.version, "method": row.method, "created_at": row.created_at.isoformat(), **row.report}
+
+
+__all__ = [
+    "InvalidModelError",
+    "NoKernelPredictorError",
+    "clear_kernel_samples",
+    "fit_and_store",
+    "latest_kernel_predictor",
+    "measure_model",
+    "model_sha256",
+    "predict_model",
+    "predict_with",
+    "save_profiled_networks",
+    "stored_kernel_samples",
+    "validate_model",
+]

@@ -1,0 +1,422 @@
+"""Store functions: the only code that reads and writes the ORM rows.
+
+All functions are keyword-only and take the caller's session; none commits, so that a caller can make several of them
+one transaction (``latency_service.db.transaction``).  ``create_job`` in particular writes the job, its variants and
+its items together or not at all.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from latency_service.measurement import MeasurementStats
+from latency_service.models import (
+    UNFINISHED_JOB_STATUSES,
+    Device,
+    Job,
+    JobItem,
+    Measurement,
+    ModelMeasurement,
+    Predictor,
+    Variant,
+    utcnow,
+)
+from predictors.ops import OpSpec, op_from_dict
+
+
+class JobNotFoundError(LookupError):
+    def __init__(self, job_id: int) -> None:
+        super().__init__(f"no job with id {job_id}")
+        self.job_id = job_id
+
+
+@dataclass(frozen=True)
+class StoredMeasurement:
+    op: OpSpec
+    measurement: Measurement
+
+
+# ---- devices and variants ---------------------------------------------------------------------------------------
+def upsert_device(
+    *,
+    session: Session,
+    device_id: str,
+    device_class: str,
+    backend: str,
+    backend_version: str,
+    host: dict[str, Any],
+) -> Device:
+    device = session.get(Device, device_id)
+    now = utcnow()
+    if device is None:
+        device = Device(id=device_id, created_at=now)
+        session.add(device)
+    device.device_class = device_class
+    device.backend = backend
+    device.backend_version = backend_version
+    device.host = host
+    device.last_seen = now
+    session.flush()
+    return device
+
+
+def get_device(*, session: Session, device_id: str) -> Device | None:
+    return session.get(Device, device_id)
+
+
+def get_or_create_variants(*, session: Session, ops: Iterable[OpSpec]) -> list[str]:
+    """Insert the variants that are new and return every key, in order.  Safe against a concurrent inserter."""
+    rows = {op.key: {"key": op.key, "kind": op.kind, "spec": op.to_dict()} for op in ops}
+    keys = list(rows)
+    if not rows:
+        return keys
+    dialect = session.get_bind().dialect.name
+    if dialect in ("sqlite", "postgresql"):
+        # ON CONFLICT DO NOTHING: two services of a farm may insert the same variant at once.
+        insert = sqlite.insert if dialect == "sqlite" else postgresql.insert
+        session.execute(insert(Variant).on_conflict_do_nothing(index_elements=["key"]), list(rows.values()))
+    else:
+        existing = set(session.scalars(select(Variant.key).where(Variant.key.in_(keys))))
+        session.add_all(Variant(**row) for key, row in rows.items() if key not in existing)
+        session.flush()
+    return keys
+
+
+def get_or_create_variant(*, session: Session, op: OpSpec) -> str:
+    return get_or_create_variants(session=session, ops=[op])[0]
+
+
+def variant_spec(*, session: Session, variant_key: str) -> dict[str, Any]:
+    variant = session.get(Variant, variant_key)
+    if variant is None:
+        raise LookupError(f"no variant with key {variant_key}")
+    return dict(variant.spec)
+
+
+def variant_op(variant: Variant) -> OpSpec:
+    return op_from_dict(variant.spec)
+
+
+# ---- operator measurements --------------------------------------------------------------------------------------
+def add_measurement(
+    *,
+    session: Session,
+    device_id: str,
+    variant_key: str,
+    stats: MeasurementStats,
+    environment: dict[str, Any],
+    job_id: int | None = None,
+    started_at: datetime | None = None,
+    measured_at: datetime | None = None,
+) -> Measurement:
+    row = Measurement(
+        variant_key=variant_key,
+        device_id=device_id,
+        median_ms=stats.median_ms,
+        p10_ms=stats.p10_ms,
+        p90_ms=stats.p90_ms,
+        mean_ms=stats.mean_ms,
+        cv=stats.cv,
+        n=stats.n,
+        spread=stats.spread,
+        attempts=stats.attempts,
+        flagged=stats.flagged,
+        flag_reason=stats.flag_reason,
+        overhead_ms=stats.overhead_ms,
+        environment=environment,
+        job_id=job_id,
+        valid=True,
+        started_at=started_at,
+        measured_at=measured_at or utcnow(),
+    )
+    session.add(row)
+    session.flush()
+    return row
+
+
+def _latest_ids(device_id: str, kind: str | None) -> Any:
+    # Ids grow with insertion order, so the largest id per variant is its latest measurement.
+    query = (
+        select(func.max(Measurement.id).label("id"))
+        .where(Measurement.device_id == device_id, Measurement.valid.is_(True))
+        .group_by(Measurement.variant_key)
+    )
+    if kind is not None:
+        query = query.join(Variant, Variant.key == Measurement.variant_key).where(Variant.kind == kind)
+    return query.subquery()
+
+
+def latest_measurements(
+    *, session: Session, device_id: str, kind: str | None = None, limit: int = 100, offset: int = 0
+) -> tuple[list[StoredMeasurement], int]:
+    """The latest valid measurement per variant on a device, newest first, and how many there are in all."""
+    latest = _latest_ids(device_id, kind)
+    total = session.scalar(select(func.count()).select_from(latest)) or 0
+    rows = session.scalars(
+        select(Measurement)
+        .join(latest, latest.c.id == Measurement.id)
+        .order_by(Measurement.id.desc())
+        .limit(limit)
+        .offset(offset)
+    ).all()
+    return [StoredMeasurement(op=variant_op(row.variant), measurement=row) for row in rows], total
+
+
+def measured_keys(*, session: Session, device_id: str) -> set[str]:
+    query = select(Measurement.variant_key).where(Measurement.device_id == device_id, Measurement.valid.is_(True))
+    return set(session.scalars(query.distinct()))
+
+
+def has_measurement(*, session: Session, device_id: str, variant_key: str) -> bool:
+    query = select(Measurement.id).where(
+        Measurement.device_id == device_id, Measurement.variant_key == variant_key, Measurement.valid.is_(True)
+    )
+    return session.scalars(query.limit(1)).first() is not None
+
+
+def count_measurements(*, session: Session, device_id: str, variant_key: str) -> int:
+    query = select(func.count()).where(Measurement.device_id == device_id, Measurement.variant_key == variant_key)
+    return session.scalar(query) or 0
+
+
+def training_samples(
+    *, session: Session, device_id: str | None = None, device_class: str | None = None
+) -> list[tuple[OpSpec, float]]:
+    """(op, median ms) for fitting: one device's latest medians, or, for a device class, per variant the median of
+    the latest medians of every device in that class (the farm-wide predictor)."""
+    if (device_id is None) == (device_class is None):
+        raise ValueError("give exactly one of device_id and device_class")
+    latest = select(func.max(Measurement.id).label("id")).where(Measurement.valid.is_(True))
+    if device_id is not None:
+        latest = latest.where(Measurement.device_id == device_id)
+    else:
+        latest = latest.join(Device, Device.id == Measurement.device_id).where(Device.device_class == device_class)
+    latest_ids = latest.group_by(Measurement.device_id, Measurement.variant_key).subquery()
+    rows = session.execute(
+        select(Variant, Measurement.median_ms)
+        .join(Measurement, Measurement.variant_key == Variant.key)
+        .join(latest_ids, latest_ids.c.id == Measurement.id)
+        .order_by(Variant.key)
+    ).all()
+    medians: dict[str, list[float]] = {}
+    specs: dict[str, Variant] = {}
+    for variant, median_ms in rows:
+        medians.setdefault(variant.key, []).append(median_ms)
+        specs[variant.key] = variant
+    return [(variant_op(specs[key]), statistics.median(values)) for key, values in medians.items()]
+
+
+def invalidate_measurements(*, session: Session, device_id: str, variant_keys: Sequence[str] | None = None) -> int:
+    """Mark measurements invalid (kept as history, no longer used); returns how many rows changed."""
+    statement = update(Measurement).where(Measurement.device_id == device_id, Measurement.valid.is_(True))
+    if variant_keys is not None:
+        statement = statement.where(Measurement.variant_key.in_(variant_keys))
+    result = session.execute(statement.values(valid=False))
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+# ---- jobs -------------------------------------------------------------------------------------------------------
+def create_job(
+    *, session: Session, device_id: str, ops: Sequence[OpSpec], force: bool = False, preset: str | None = None
+) -> Job:
+    """A queued job with one item per op, in order.  Ops are validated specs: nothing here can fail half-way."""
+    if not ops:
+        raise ValueError("a job needs at least one operator")
+    # Repeats of one variant are measured once: get_or_create_variants returns each key once, in first-seen order.
+    ordered = get_or_create_variants(session=session, ops=ops)
+    job = Job(device_id=device_id, status="queued", force=force, preset=preset, total=len(ordered), done=0, failed=0)
+    session.add(job)
+    session.flush()
+    session.add_all(
+        JobItem(job_id=job.id, position=i, variant_key=key, status="pending") for i, key in enumerate(ordered)
+    )
+    session.flush()
+    return job
+
+
+def get_job(*, session: Session, job_id: int) -> Job:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise JobNotFoundError(job_id)
+    return job
+
+
+def job_progress(*, session: Session, job_id: int) -> Job:
+    return get_job(session=session, job_id=job_id)
+
+
+def list_jobs(*, session: Session, device_id: str, limit: int = 50) -> list[Job]:
+    query = select(Job).where(Job.device_id == device_id).order_by(Job.id.desc()).limit(limit)
+    return list(session.scalars(query))
+
+
+def unfinished_jobs(*, session: Session, device_id: str) -> list[Job]:
+    """Jobs left running (a crash) come first, then queued ones, each oldest first."""
+    query = select(Job).where(Job.device_id == device_id, Job.status.in_(UNFINISHED_JOB_STATUSES))
+    jobs = list(session.scalars(query.order_by(Job.id)))
+    return sorted(jobs, key=lambda job: (job.status != "running", job.id))
+
+
+def claim_next_job(*, session: Session, device_id: str) -> Job | None:
+    """Mark the next unfinished job of this device running and return it."""
+    jobs = unfinished_jobs(session=session, device_id=device_id)
+    if not jobs:
+        return None
+    job = jobs[0]
+    if job.status == "queued":
+        job.status = "running"
+        job.started_at = utcnow()
+    session.flush()
+    return job
+
+
+def pending_items(*, session: Session, job_id: int) -> list[JobItem]:
+    query = select(JobItem).where(JobItem.job_id == job_id, JobItem.status == "pending").order_by(JobItem.position)
+    return list(session.scalars(query))
+
+
+def mark_item(*, session: Session, job_id: int, position: int, status: str, error: str | None = None) -> Job:
+    """Record an item's outcome and the job's counters: skipped items count as done."""
+    if status not in ("done", "failed", "skipped"):
+        raise ValueError(f"an item ends done, failed or skipped, not {status!r}")
+    item = session.get(JobItem, (job_id, position))
+    if item is None:
+        raise LookupError(f"job {job_id} has no item {position}")
+    job = get_job(session=session, job_id=job_id)
+    if item.status != "pending":
+        return job
+    item.status = status
+    item.error = error
+    if status == "failed":
+        job.failed += 1
+    else:
+        job.done += 1
+    session.flush()
+    return job
+
+
+def first_item_error(*, session: Session, job_id: int) -> str | None:
+    query = select(JobItem.error).where(JobItem.job_id == job_id, JobItem.status == "failed")
+    return session.scalars(query.order_by(JobItem.position).limit(1)).first()
+
+
+def job_status(*, session: Session, job_id: int) -> str:
+    status = session.scalar(select(Job.status).where(Job.id == job_id))
+    if status is None:
+        raise JobNotFoundError(job_id)
+    return status
+
+
+def finish_job(*, session: Session, job_id: int, status: str, error: str | None = None) -> Job:
+    job = get_job(session=session, job_id=job_id)
+    if job.status in UNFINISHED_JOB_STATUSES:
+        job.status = status
+        job.error = error
+        job.finished_at = utcnow()
+    session.flush()
+    return job
+
+
+def cancel_job(*, session: Session, job_id: int) -> Job:
+    """Cancel a queued or running job (the worker stops before its next variant); finished jobs stay as they are."""
+    job = get_job(session=session, job_id=job_id)
+    if job.status in UNFINISHED_JOB_STATUSES:
+        job.status = "cancelled"
+        job.finished_at = utcnow()
+        session.execute(
+            update(JobItem)
+            .where(JobItem.job_id == job_id, JobItem.status == "pending")
+            .values(status="skipped", error="cancelled")
+        )
+    session.flush()
+    return job
+
+
+# ---- predictors -------------------------------------------------------------------------------------------------
+def save_predictor(
+    *,
+    session: Session,
+    device_id: str,
+    device_class: str,
+    version: str,
+    payload: dict[str, Any],
+    reports: list[dict[str, Any]],
+) -> Predictor:
+    row = Predictor(
+        device_id=device_id,
+        device_class=device_class,
+        version=version,
+        payload=payload,
+        reports=reports,
+        created_at=utcnow(),
+    )
+    session.add(row)
+    session.flush()
+    return row
+
+
+def latest_predictor(
+    *, session: Session, device_id: str | None = None, device_class: str | None = None
+) -> Predictor | None:
+    query = select(Predictor)
+    if device_id is not None:
+        query = query.where(Predictor.device_id == device_id)
+    if device_class is not None:
+        query = query.where(Predictor.device_class == device_class)
+    return session.scalars(query.order_by(Predictor.id.desc()).limit(1)).first()
+
+
+# ---- whole-model measurements -----------------------------------------------------------------------------------
+def add_model_measurement(
+    *,
+    session: Session,
+    device_id: str,
+    model_sha256: str,
+    stats: MeasurementStats,
+    environment: dict[str, Any],
+    model_name: str | None = None,
+) -> ModelMeasurement:
+    row = ModelMeasurement(
+        device_id=device_id,
+        model_sha256=model_sha256,
+        model_name=model_name,
+        median_ms=stats.median_ms,
+        p10_ms=stats.p10_ms,
+        p90_ms=stats.p90_ms,
+        mean_ms=stats.mean_ms,
+        cv=stats.cv,
+        n=stats.n,
+        flagged=stats.flagged,
+        environment=environment,
+        measured_at=utcnow(),
+    )
+    session.add(row)
+    session.flush()
+    return row
+
+
+def latest_model_measurement(*, session: Session, device_id: str, model_sha256: str) -> ModelMeasurement | None:
+    query = (
+        select(ModelMeasurement)
+        .where(ModelMeasurement.device_id == device_id, ModelMeasurement.model_sha256 == model_sha256)
+        .order_by(ModelMeasurement.id.desc())
+        .limit(1)
+    )
+    return session.scalars(query).first()
+
+
+def list_model_measurements(
+    *, session: Session, device_id: str, limit: int = 100, offset: int = 0
+) -> tuple[list[ModelMeasurement], int]:
+    where = ModelMeasurement.device_id == device_id
+    total = session.scalar(select(func.count()).where(where)) or 0
+    query = select(ModelMeasurement).where(where).order_by(ModelMeasurement.id.desc()).limit(limit).offset(offset)
+    return list(session.scalars(query)), total

@@ -1,0 +1,391 @@
+"""Latency predictors: a lookup table of measured variants plus, per operator kind, a regressor chosen by evidence.
+
+For every kind, :func:`fit_predictors` compares candidates by K-fold cross-validated MAPE and keeps the winner:
+
+* ``roofline`` — ``max(a * FLOPs, b * bytes) + c`` (MorphNet's latency cost with a per-kind launch constant), fitted
+  on log latency so that 20 us and 20 ms variants weigh alike;
+* ``random_forest`` / ``gradient_boosting`` — trees on log latency over :mod:`predictors.features`;
+* ``random_forest+roofline`` / ``gradient_boosting+roofline`` — trees on the log ratio of latency to the roofline:
+  the roofline carries the trend (and extrapolates it beyond the grid), the trees the staircase of NCHWc blocking.
+
+A kind with fewer than :data:`MIN_SAMPLES_FOR_REGRESSORS` measured variants gets ``roofline_ratio``, one scale over
+``max(FLOPs, 8 * bytes)``, with leave-one-out error when there are at least two variants and ``None`` below.
+
+The fitted predictor is plain JSON (:mod:`predictors.portable`); loading and predicting need numpy only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from predictors.features import compute_columns, feature_matrix, feature_names
+from predictors.ops import OpSpec
+from predictors.portable import PortableModel, Roofline, export_model, load_model
+
+FORMAT = "figs-latency-predictor"
+FORMAT_VERSION = 1
+MIN_SAMPLES_FOR_REGRESSORS = 5
+# Machine balance assumed by the few-sample fallback (FLOPs per byte at which compute and memory time are equal);
+# roughly a one-core AVX-512 CPU against its DRAM.  Only the scale is fitted there, so this just picks the axis.
+FALLBACK_BALANCE = 8.0
+# A component either predicts milliseconds (its log is added) or adds straight to log-milliseconds.
+_MS, _LOG = "ms", "log_ms"
+
+Components = list[tuple[str, PortableModel]]
+
+
+class UnmodelledOpError(KeyError, ValueError):
+    """No predictor exists for an operator kind (nothing of that kind was measured before fitting)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
+
+    def __str__(self) -> str:
+        return f"no latency predictor for operator kind {self.kind!r}; profile variants of it and refit"
+
+
+@dataclass(frozen=True)
+class FitReport:
+    """Cross-validated quality of one kind's predictor.
+
+    ``mape`` is a fraction (0.05 = 5 %) and ``within_10pct`` the fraction of held-out variants predicted within
+    ±10 %; both are None when too few variants exist to hold any out.  ``n_samples`` counts distinct variants.
+    ``candidates`` maps every compared regressor to its cross-validated MAPE (``candidates_within_10pct`` likewise).
+    """
+
+    op: str
+    n_samples: int
+    mape: float | None
+    within_10pct: float | None
+    model: str
+    candidates: dict[str, float | None] = field(default_factory=dict)
+    candidates_within_10pct: dict[str, float | None] = field(default_factory=dict)
+
+
+class KindPredictor:
+    """Measured medians of one kind's variants plus the chosen regressor over that kind's features."""
+
+    def __init__(self, kind: str, *, table: dict[str, float], components: Components, model: str) -> None:
+        self.kind = kind
+        self.table = table
+        self.components = components
+        self.model = model
+
+    def predict_features(self, x: np.ndarray) -> np.ndarray:
+        log_ms = np.zeros(len(x))
+        for space, component in self.components:
+            raw = component.predict(x)
+            log_ms += np.log(np.maximum(raw, 1e-9)) if space == _MS else raw
+        result: np.ndarray = np.exp(log_ms)
+        return result
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "feature_names": feature_names(self.kind),
+            "table": self.table,
+            "components": [{"space": space, "model": c.to_json()} for space, c in self.components],
+        }
+
+    @classmethod
+    def from_json(cls, kind: str, data: dict[str, Any]) -> KindPredictor:
+        expected = feature_names(kind)
+        if data.get("feature_names") != expected:
+            raise ValueError(
+                f"kinds.{kind}.feature_names: fitted with other features than this version computes; refit"
+            )
+        components: Components = []
+        for i, entry in enumerate(data["components"]):
+            if entry.get("space") not in (_MS, _LOG):
+                raise ValueError(f"kinds.{kind}.components[{i}].space: must be {_MS!r} or {_LOG!r}")
+            components.append((entry["space"], load_model(entry["model"])))
+        table = {str(k): float(v) for k, v in data["table"].items()}
+        return cls(kind, table=table, components=components, model=str(data["model"]))
+
+
+class LatencyPredictor:
+    """Latency of operator variants on one device: measured where available, predicted otherwise."""
+
+    def __init__(self, kinds: dict[str, KindPredictor]) -> None:
+        self._kinds = dict(sorted(kinds.items()))
+
+    @property
+    def kinds(self) -> list[str]:
+        return list(self._kinds)
+
+    def kind_predictor(self, kind: str) -> KindPredictor:
+        if kind not in self._kinds:
+            raise UnmodelledOpError(kind)
+        return self._kinds[kind]
+
+    def predict(self, ops: Sequence[OpSpec]) -> list[tuple[float, str]]:
+        """Per op ``(ms, "measured")`` when that exact variant was measured, else ``(ms, "predicted")``.
+
+        Raises:
+            UnmodelledOpError: an op's kind has no predictor.
+        """
+        for op in ops:
+            self.kind_predictor(op.kind)
+        results: list[tuple[float, str] | None] = [None] * len(ops)
+        unmeasured = []
+        for i, op in enumerate(ops):
+            measured = self._kinds[op.kind].table.get(op.key)
+            if measured is None:
+                unmeasured.append(i)
+            else:
+                results[i] = (measured, "measured")
+        if unmeasured:
+            predicted = self.predict_ms([ops[i] for i in unmeasured])
+            for i, ms in zip(unmeasured, predicted, strict=True):
+                results[i] = (float(ms), "predicted")
+        return [r for r in results if r is not None]
+
+    def predict_ms(self, ops: Sequence[OpSpec]) -> np.ndarray:
+        """Regressor predictions in ms for every op (the table is not consulted), vectorised per kind.
+
+        Raises:
+            UnmodelledOpError: an op's kind has no predictor.
+        """
+        by_kind: dict[str, list[int]] = defaultdict(list)
+        for i, op in enumerate(ops):
+            by_kind[op.kind].append(i)
+        out = np.empty(len(ops), dtype=np.float64)
+        for kind, indices in by_kind.items():
+            predictor = self.kind_predictor(kind)
+            out[indices] = predictor.predict_features(feature_matrix([ops[i] for i in indices]))
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "kinds": {kind: p.to_json() for kind, p in self._kinds.items()},
+        }
+
+    @property
+    def version(self) -> str:
+        """Content hash of the JSON form: equal predictors have equal versions in every process."""
+        canonical = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LatencyPredictor:
+        """Rebuild from :meth:`to_json` output; needs numpy only.
+
+        Raises:
+            ValueError: naming the field that is missing, of another format, or from a newer format version.
+        """
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ValueError(f"format: not a {FORMAT} document")
+        version = data.get("format_version")
+        if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+            raise ValueError(f"format_version: this code reads 1..{FORMAT_VERSION}, got {version!r}")
+        kinds = data.get("kinds")
+        if not isinstance(kinds, dict):
+            raise ValueError("kinds: missing or not an object")
+        try:
+            return cls({kind: KindPredictor.from_json(kind, entry) for kind, entry in kinds.items()})
+        except KeyError as exc:
+            raise ValueError(f"kinds: missing field {exc.args[0]!r}") from exc
+
+
+# ---- fitting ----------------------------------------------------------------------------------------------------
+def fit_roofline(x: np.ndarray, y_ms: np.ndarray, *, kind: str) -> Roofline:
+    """Least-squares fit of ``max(a*FLOPs, b*bytes) + c`` on log latency; the compute axis is raw or padded FLOPs,
+    whichever fits better."""
+    from scipy.optimize import least_squares
+
+    names = feature_names(kind)
+    memory = names.index("bytes")
+    log_y = np.log(y_ms)
+    best: tuple[float, Roofline] | None = None
+    for compute_name in compute_columns(kind):
+        compute = names.index(compute_name)
+        flops, nbytes = np.maximum(x[:, compute], 1.0), x[:, memory]
+
+        def residuals(theta: np.ndarray, flops: np.ndarray = flops, nbytes: np.ndarray = nbytes) -> np.ndarray:
+            a, b, c = np.exp(theta)
+            result: np.ndarray = np.log(np.maximum(a * flops, b * nbytes) + c) - log_y
+            return result
+
+        starts = [
+            np.log([np.median(y_ms / flops) * s, np.median(y_ms / nbytes) * s, y_ms.min() * (1 - s) + 1e-6])
+            for s in (0.5, 0.9)
+        ]
+        for theta0 in starts:
+            fit = least_squares(residuals, theta0, loss="soft_l1", f_scale=0.1)
+            if best is None or fit.cost < best[0]:
+                a, b, c = np.exp(fit.x)
+                best = (fit.cost, Roofline(a=a, b=b, c=c, compute_column=compute, memory_column=memory,
+                                           n_features=x.shape[1]))  # fmt: skip
+    assert best is not None
+    return best[1]
+
+
+def _roofline_ratio(x: np.ndarray, y_ms: np.ndarray, *, kind: str) -> Components:
+    names = feature_names(kind)
+    flops, nbytes = x[:, names.index("flops")], x[:, names.index("bytes")]
+    work = np.maximum(flops, FALLBACK_BALANCE * nbytes)
+    scale = float(np.exp(np.mean(np.log(y_ms / work))))
+    model = Roofline(a=scale, b=scale * FALLBACK_BALANCE, c=0.0, compute_column=names.index("flops"),
+                     memory_column=names.index("bytes"), n_features=x.shape[1])  # fmt: skip
+    return [(_MS, model)]
+
+
+def _trees(name: str, seed: int) -> Any:
+    from sklearn.ensemble import GradientBoostingRegressor, RandomForestRegressor
+
+    if name == "random_forest":
+        return RandomForestRegressor(n_estimators=60, max_features=0.5, min_samples_leaf=1, random_state=seed)
+    return GradientBoostingRegressor(
+        n_estimators=300, max_depth=3, learning_rate=0.05, subsample=0.8, random_state=seed
+    )
+
+
+def _tree_candidate(tree_name: str, *, on_roofline: bool) -> Callable[[np.ndarray, np.ndarray, str, int], Components]:
+    def fit(x: np.ndarray, y_ms: np.ndarray, kind: str, seed: int) -> Components:
+        components: Components = []
+        target = np.log(y_ms)
+        if on_roofline:
+            base = fit_roofline(x, y_ms, kind=kind)
+            components.append((_MS, base))
+            target = target - np.log(base.predict(x))
+        regressor = _trees(tree_name, seed).fit(x, target)
+        components.append((_LOG, export_model(regressor)))
+        return components
+
+    return fit
+
+
+def _roofline_candidate(x: np.ndarray, y_ms: np.ndarray, kind: str, seed: int) -> Components:
+    return [(_MS, fit_roofline(x, y_ms, kind=kind))]
+
+
+CANDIDATES: dict[str, Callable[[np.ndarray, np.ndarray, str, int], Components]] = {
+    "roofline": _roofline_candidate,
+    "random_forest": _tree_candidate("random_forest", on_roofline=False),
+    "gradient_boosting": _tree_candidate("gradient_boosting", on_roofline=False),
+    "random_forest+roofline": _tree_candidate("random_forest", on_roofline=True),
+    "gradient_boosting+roofline": _tree_candidate("gradient_boosting", on_roofline=True),
+}
+
+
+def _evaluate(components: Components, x: np.ndarray) -> np.ndarray:
+    return KindPredictor("", table={}, components=components, model="").predict_features(x)
+
+
+def _relative_errors(predicted: np.ndarray, y_ms: np.ndarray) -> np.ndarray:
+    result: np.ndarray = np.abs(predicted - y_ms) / y_ms
+    return result
+
+
+def _cross_validated_errors(
+    fit: Callable[[np.ndarray, np.ndarray, str, int], Components],
+    x: np.ndarray,
+    y_ms: np.ndarray,
+    *,
+    kind: str,
+    folds: list[tuple[np.ndarray, np.ndarray]],
+    seed: int,
+) -> np.ndarray:
+    predicted = np.empty(len(y_ms))
+    for train, test in folds:
+        predicted[test] = _evaluate(fit(x[train], y_ms[train], kind, seed), x[test])
+    return _relative_errors(predicted, y_ms)
+
+
+def _fit_kind(
+    kind: str, ops: list[OpSpec], y_ms: np.ndarray, *, seed: int, cv_folds: int
+) -> tuple[Components, FitReport]:
+    x = feature_matrix(ops)
+    n = len(y_ms)
+    if n < MIN_SAMPLES_FOR_REGRESSORS:
+        errors = None
+        if n >= 2:
+            loo = np.array([
+                _evaluate(_roofline_ratio(np.delete(x, i, 0), np.delete(y_ms, i), kind=kind), x[i : i + 1])[0]
+                for i in range(n)
+            ])  # fmt: skip
+            errors = _relative_errors(loo, y_ms)
+        report = FitReport(
+            op=kind, n_samples=n, model="roofline_ratio",
+            mape=None if errors is None else float(errors.mean()),
+            within_10pct=None if errors is None else float((errors <= 0.1).mean()),
+            candidates={"roofline_ratio": None if errors is None else float(errors.mean())},
+            candidates_within_10pct={"roofline_ratio": None if errors is None else float((errors <= 0.1).mean())},
+        )  # fmt: skip
+        return _roofline_ratio(x, y_ms, kind=kind), report
+
+    from sklearn.model_selection import KFold
+
+    splitter = KFold(n_splits=min(cv_folds, n), shuffle=True, random_state=seed)
+    folds = list(splitter.split(x))
+    errors_by_name = {
+        name: _cross_validated_errors(fit, x, y_ms, kind=kind, folds=folds, seed=seed)
+        for name, fit in CANDIDATES.items()
+    }
+    # Ties go to the earlier (simpler) candidate: min() keeps the first of equal values.
+    winner = min(errors_by_name, key=lambda name: float(errors_by_name[name].mean()))
+    errors = errors_by_name[winner]
+    report = FitReport(
+        op=kind, n_samples=n, model=winner, mape=float(errors.mean()),
+        within_10pct=float((errors <= 0.1).mean()),
+        candidates={name: float(e.mean()) for name, e in errors_by_name.items()},
+        candidates_within_10pct={name: float((e <= 0.1).mean()) for name, e in errors_by_name.items()},
+    )  # fmt: skip
+    return CANDIDATES[winner](x, y_ms, kind, seed), report
+
+
+def fit_predictors(
+    samples: Sequence[tuple[OpSpec, float]], *, seed: int = 0, cv_folds: int = 5
+) -> tuple[LatencyPredictor, list[FitReport]]:
+    """Fit one predictor per operator kind from ``(op, median_ms)`` samples.
+
+    Repeated measurements of one variant are merged to their median first, so folds hold out whole variants.
+
+    Raises:
+        ValueError: a sample is not ``(OpSpec, positive finite ms)`` (the message names ``samples[i]``), or
+            ``cv_folds`` is below 2.
+    """
+    if cv_folds < 2:
+        raise ValueError(f"cv_folds: must be at least 2, got {cv_folds}")
+    by_kind: dict[str, dict[str, tuple[OpSpec, list[float]]]] = defaultdict(dict)
+    for i, sample in enumerate(samples):
+        if not isinstance(sample, tuple | list) or len(sample) != 2 or not isinstance(sample[0], OpSpec):
+            raise ValueError(f"samples[{i}]: expected (OpSpec, latency_ms), got {sample!r}")
+        op, ms = sample
+        if isinstance(ms, bool) or not isinstance(ms, int | float) or not math.isfinite(ms) or ms <= 0:
+            raise ValueError(f"samples[{i}].latency_ms: must be a positive finite number, got {ms!r}")
+        by_kind[op.kind].setdefault(op.key, (op, []))[1].append(float(ms))
+
+    predictors: dict[str, KindPredictor] = {}
+    reports: list[FitReport] = []
+    for kind in sorted(by_kind):
+        variants = list(by_kind[kind].values())
+        ops = [op for op, _ in variants]
+        y_ms = np.array([float(np.median(values)) for _, values in variants])
+        components, report = _fit_kind(kind, ops, y_ms, seed=seed, cv_folds=cv_folds)
+        table = {op.key: float(ms) for op, ms in zip(ops, y_ms, strict=True)}
+        predictors[kind] = KindPredictor(kind, table=table, components=components, model=report.model)
+        reports.append(report)
+    return LatencyPredictor(predictors), reports
+
+
+__all__ = [
+    "CANDIDATES",
+    "FitReport",
+    "KindPredictor",
+    "LatencyPredictor",
+    "UnmodelledOpError",
+    "fit_predictors",
+    "fit_roofline",
+]

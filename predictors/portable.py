@@ -1,0 +1,344 @@
+"""Fitted regressors as plain JSON, evaluated in numpy: no pickle, no joblib, no scikit-learn needed to load.
+
+nn-Meter stored its predictors with pickle and they stopped loading when scikit-learn moved on (its most reported
+issue, #131).  Here a fitted model is exported once to arrays (tree nodes, coefficients) and the loader evaluates
+those arrays itself, so a newer scikit-learn, or none at all, reads the same predictions back.
+
+Three portable model types:
+
+* ``tree_ensemble`` — one or more CART trees combined as ``init + scale * sum(tree(x))`` (random forests and extra
+  trees: ``scale = 1 / n_trees``; gradient boosting: the learning rate and the init constant; one decision tree:
+  scale 1).
+* ``linear`` — ``x @ coef + intercept``.
+* ``roofline`` — ``max(a * x[compute], b * x[memory]) + c``: the physically shaped model (MorphNet's latency cost)
+  over two feature columns, with its own fitting code in :mod:`predictors.fitting`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+FORMAT_VERSION = 1
+# Leaves in scikit-learn's tree arrays have children -1 (TREE_LEAF).
+_LEAF = -1
+# (row, tree) pairs walked per chunk: keeps the index arrays cache-sized (measured 2-3x faster than 8x larger).
+_CHUNK_PAIRS = 1 << 18
+
+
+class PortableModel(Protocol):
+    def predict(self, x: np.ndarray) -> np.ndarray: ...
+
+    def to_json(self) -> dict[str, Any]: ...
+
+
+def _check_matrix(x: np.ndarray, n_features: int) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2 or x.shape[1] != n_features:
+        raise ValueError(f"expected a feature matrix with {n_features} columns, got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError("feature matrix contains NaN or infinite values")
+    return x
+
+
+@dataclass(frozen=True)
+class TreeArrays:
+    """One CART tree as scikit-learn stores it: node i splits on ``feature[i] <= threshold[i]``."""
+
+    children_left: np.ndarray
+    children_right: np.ndarray
+    feature: np.ndarray
+    threshold: np.ndarray
+    value: np.ndarray
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "children_left": self.children_left.tolist(),
+            "children_right": self.children_right.tolist(),
+            "feature": self.feature.tolist(),
+            "threshold": self.threshold.tolist(),
+            "value": self.value.tolist(),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TreeArrays:
+        tree = cls(
+            children_left=np.asarray(data["children_left"], dtype=np.int64),
+            children_right=np.asarray(data["children_right"], dtype=np.int64),
+            feature=np.asarray(data["feature"], dtype=np.int64),
+            threshold=np.asarray(data["threshold"], dtype=np.float64),
+            value=np.asarray(data["value"], dtype=np.float64),
+        )
+        sizes = {len(a) for a in (tree.children_left, tree.children_right, tree.feature, tree.threshold, tree.value)}
+        if len(sizes) != 1 or not tree.children_left.size:
+            raise ValueError("tree arrays must be non-empty and of equal length")
+        return tree
+
+
+class TreeEnsemble:
+    """``init + scale * sum_t tree_t(x)``, with trees walked level by level in numpy over all rows at once."""
+
+    kind = "tree_ensemble"
+
+    def __init__(
+        self, trees: list[TreeArrays], *, n_features: int, init: float = 0.0, scale: float = 1.0, average: bool = False
+    ) -> None:
+        if not trees:
+            raise ValueError("a tree ensemble needs at least one tree")
+        self.trees = trees
+        self.n_features = n_features
+        self.init = float(init)
+        self.scale = float(scale)
+        # Forests sum their trees and divide once at the end, as scikit-learn does; boosting scales each tree.
+        self.average = average
+        self._pack()
+
+    def _pack(self) -> None:
+        # All trees go into one node array so that one gather per level advances every tree; leaves point to
+        # themselves so a fixed number of steps needs no masking.
+        offsets = np.cumsum([0] + [len(t.feature) for t in self.trees])
+        left, right, feature, threshold, value = [], [], [], [], []
+        for offset, tree in zip(offsets[:-1], self.trees, strict=True):
+            own = np.arange(len(tree.feature)) + offset
+            leaf = tree.children_left == _LEAF
+            left.append(np.where(leaf, own, tree.children_left + offset))
+            right.append(np.where(leaf, own, tree.children_right + offset))
+            feature.append(np.where(leaf, 0, tree.feature))
+            threshold.append(np.where(leaf, np.inf, tree.threshold))
+            value.append(tree.value)
+        self._roots = offsets[:-1].astype(np.intp)
+        # children[2 * node] is the left child and children[2 * node + 1] the right one: one gather per step.
+        self._children = np.column_stack([np.concatenate(left), np.concatenate(right)]).ravel().astype(np.intp)
+        self._feature = np.concatenate(feature).astype(np.intp)
+        self._threshold = np.concatenate(threshold)
+        self._value = np.concatenate(value)
+        self._is_leaf = self._children[0::2] == np.arange(len(self._feature))
+        if self._feature.max() >= self.n_features:
+            raise ValueError(f"a tree splits on feature {self._feature.max()} but the model has {self.n_features}")
+
+    def leaf_values(self, x: np.ndarray) -> np.ndarray:
+        """Per tree and row, the value of the leaf the row lands in: shape (trees, rows)."""
+        # scikit-learn compares float32 features with float64 thresholds; matching that keeps splits identical.
+        x32 = _check_matrix(x, self.n_features).astype(np.float32).astype(np.float64)
+        n_trees = len(self._roots)
+        rows_per_chunk = max(1, _CHUNK_PAIRS // n_trees)
+        out = np.empty((n_trees, len(x32)), dtype=np.float64)
+        for start in range(0, len(x32), rows_per_chunk):
+            chunk = x32[start : start + rows_per_chunk]
+            # Tree-major order: each tree's rows are contiguous, so the final per-tree sums stream.
+            node = np.repeat(self._roots, len(chunk))
+            x_offset = np.tile(np.arange(len(chunk), dtype=np.intp) * self.n_features, n_trees)
+            flat = chunk.ravel()
+            walking: np.ndarray | None = None  # None: every pair is still inside its tree
+            while True:
+                current = node if walking is None else node[walking]
+                offsets = x_offset if walking is None else x_offset[walking]
+                go_right = flat[offsets + self._feature[current]] > self._threshold[current]
+                step = self._children[2 * current + go_right]
+                inside = ~self._is_leaf[step]
+                if walking is None:
+                    node = step
+                else:
+                    node[walking] = step
+                if inside.all():
+                    continue
+                # Only pairs still inside a tree are advanced: deep forest trees end most paths early.
+                walking = np.nonzero(inside)[0] if walking is None else walking[inside]
+                if not walking.size:
+                    break
+            out[:, start : start + len(chunk)] = self._value[node].reshape(n_trees, len(chunk))
+        return out
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        leaves = self.leaf_values(x)
+        total = np.zeros(leaves.shape[1], dtype=np.float64)
+        # Trees are added one by one in scikit-learn's order, so results agree to the last bit.
+        if self.average:
+            for tree_values in leaves:
+                total += tree_values
+            result: np.ndarray = self.init + total / len(leaves)
+            return result
+        total += self.init
+        for tree_values in leaves:
+            total += self.scale * tree_values
+        return total
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "type": self.kind,
+            "format_version": FORMAT_VERSION,
+            "n_features": self.n_features,
+            "init": self.init,
+            "scale": self.scale,
+            "average": self.average,
+            "trees": [t.to_json() for t in self.trees],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TreeEnsemble:
+        return cls(
+            [TreeArrays.from_json(t) for t in data["trees"]],
+            n_features=int(data["n_features"]),
+            init=float(data["init"]),
+            scale=float(data["scale"]),
+            average=bool(data["average"]),
+        )
+
+
+class LinearModel:
+    kind = "linear"
+
+    def __init__(self, coef: np.ndarray, intercept: float) -> None:
+        self.coef = np.asarray(coef, dtype=np.float64).ravel()
+        self.intercept = float(intercept)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        result: np.ndarray = _check_matrix(x, len(self.coef)) @ self.coef + self.intercept
+        return result
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "type": self.kind,
+            "format_version": FORMAT_VERSION,
+            "coef": self.coef.tolist(),
+            "intercept": self.intercept,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LinearModel:
+        return cls(np.asarray(data["coef"], dtype=np.float64), float(data["intercept"]))
+
+
+class Roofline:
+    """``max(a * x[:, compute_column], b * x[:, memory_column]) + c`` with a, b, c >= 0."""
+
+    kind = "roofline"
+
+    def __init__(
+        self, *, a: float, b: float, c: float, compute_column: int, memory_column: int, n_features: int
+    ) -> None:
+        if min(a, b, c) < 0:
+            raise ValueError(f"roofline coefficients must be non-negative, got a={a}, b={b}, c={c}")
+        self.a, self.b, self.c = float(a), float(b), float(c)
+        self.compute_column = compute_column
+        self.memory_column = memory_column
+        self.n_features = n_features
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        x = _check_matrix(x, self.n_features)
+        result: np.ndarray = np.maximum(self.a * x[:, self.compute_column], self.b * x[:, self.memory_column]) + self.c
+        return result
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "type": self.kind,
+            "format_version": FORMAT_VERSION,
+            "a": self.a,
+            "b": self.b,
+            "c": self.c,
+            "compute_column": self.compute_column,
+            "memory_column": self.memory_column,
+            "n_features": self.n_features,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Roofline:
+        return cls(
+            a=float(data["a"]),
+            b=float(data["b"]),
+            c=float(data["c"]),
+            compute_column=int(data["compute_column"]),
+            memory_column=int(data["memory_column"]),
+            n_features=int(data["n_features"]),
+        )
+
+
+_LOADERS: dict[str, Any] = {
+    TreeEnsemble.kind: TreeEnsemble.from_json,
+    LinearModel.kind: LinearModel.from_json,
+    Roofline.kind: Roofline.from_json,
+}
+
+
+def load_model(data: dict[str, Any]) -> PortableModel:
+    """Rebuild a model from :func:`export_model` / ``to_json`` output.
+
+    Raises:
+        ValueError: the ``type`` is unknown or ``format_version`` is newer than this code reads.
+    """
+    if not isinstance(data, dict):
+        raise ValueError("a portable model must be a JSON object")
+    version = data.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
+        raise ValueError(f"format_version: this code reads 1..{FORMAT_VERSION}, got {version!r}")
+    loader = _LOADERS.get(data.get("type"))  # type: ignore[arg-type]
+    if loader is None:
+        raise ValueError(f"type: unknown portable model type {data.get('type')!r}; known: {', '.join(_LOADERS)}")
+    try:
+        model: PortableModel = loader(data)
+    except KeyError as exc:
+        raise ValueError(f"{exc.args[0]}: missing from a {data['type']} model") from exc
+    return model
+
+
+def _tree_arrays(fitted_tree: Any) -> TreeArrays:
+    tree = fitted_tree.tree_
+    if tree.n_outputs != 1:
+        raise ValueError("only single-output regression trees are portable")
+    return TreeArrays(
+        children_left=np.asarray(tree.children_left, dtype=np.int64),
+        children_right=np.asarray(tree.children_right, dtype=np.int64),
+        feature=np.asarray(tree.feature, dtype=np.int64),
+        threshold=np.asarray(tree.threshold, dtype=np.float64),
+        value=np.asarray(tree.value, dtype=np.float64).reshape(tree.node_count, -1)[:, 0].copy(),
+    )
+
+
+def export_model(estimator: Any) -> PortableModel:
+    """Convert a fitted scikit-learn regressor into a portable model (then ``.to_json()`` it).
+
+    Supported: DecisionTreeRegressor, RandomForestRegressor, ExtraTreesRegressor, GradientBoostingRegressor (init
+    None or "zero") and linear models with a 1-D ``coef_`` (LinearRegression, Ridge, Lasso, ...). Uses only the
+    public fitted attributes (``tree_``, ``estimators_``, ``init_``, ``coef_``), not sklearn's private helpers.
+
+    Raises:
+        ValueError: the estimator is of an unsupported type or configuration.
+    """
+    name = type(estimator).__name__
+    n_features = int(getattr(estimator, "n_features_in_", 0))
+    if name == "DecisionTreeRegressor":
+        return TreeEnsemble([_tree_arrays(estimator)], n_features=n_features)
+    if name in ("RandomForestRegressor", "ExtraTreesRegressor"):
+        trees = [_tree_arrays(t) for t in estimator.estimators_]
+        return TreeEnsemble(trees, n_features=n_features, average=True)
+    if name == "GradientBoostingRegressor":
+        init_estimator = estimator.init_
+        if isinstance(init_estimator, str) and init_estimator == "zero":
+            init = 0.0
+        elif type(init_estimator).__name__ == "DummyRegressor":
+            init = float(np.asarray(init_estimator.constant_).ravel()[0])
+        else:
+            raise ValueError(f"GradientBoostingRegressor with init={type(init_estimator).__name__} is not portable")
+        trees = [_tree_arrays(t) for t in np.asarray(estimator.estimators_).ravel()]
+        return TreeEnsemble(trees, n_features=n_features, init=init, scale=float(estimator.learning_rate))
+    coef = getattr(estimator, "coef_", None)
+    if coef is not None and type(estimator).__module__.startswith("sklearn.linear_model"):
+        coef = np.asarray(coef, dtype=np.float64)
+        if coef.ndim != 1:
+            raise ValueError(f"{name} with multi-output coef_ {coef.shape} is not portable")
+        return LinearModel(coef, float(np.asarray(estimator.intercept_).ravel()[0]))
+    raise ValueError(f"{name} is not a supported portable regressor")
+
+
+__all__ = [
+    "FORMAT_VERSION",
+    "LinearModel",
+    "PortableModel",
+    "Roofline",
+    "TreeArrays",
+    "TreeEnsemble",
+    "export_model",
+    "load_model",
+]

@@ -1,0 +1,306 @@
+"""`figs`: search, export and evaluate from the command line.
+
+Bad input (unknown data set, a target count that matches neither one nor every device, a malformed URL, a missing
+checkpoint) exits with code 2 and one line on stderr; an unreachable device with nothing cached exits with code 3.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from search.data import DataBundle, DatasetError, load_dataset
+from search.export import evaluate, export_onnx, load_checkpoint_space, read_architecture, write_architecture
+from search.plots import plot_keep_probabilities, plot_trajectory
+from search.service_client import DeviceService, ServiceError, ServiceUnavailableError, dense_tables, table_layers
+from search.spaces.base import SearchSpace, create_space, from_architecture, list_spaces
+from search.trainer import CHECKPOINT_NAME, SearchConfig, finetune, retrain_from_scratch, run_search
+
+app = typer.Typer(help="FiGS: hardware-aware fine-grained stochastic architecture search.", no_args_is_help=True)
+try:
+    from search.farm import farm_app
+except ModuleNotFoundError as missing:  # TEMPORARY until search/farm.py lands
+    if missing.name != "search.farm":
+        raise
+else:
+    app.add_typer(farm_app, name="farm")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    err_console.print(f"error: {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn the library's typed input errors into exit code 2 and an unreachable service into exit code 3."""
+    try:
+        yield
+    except (DatasetError, ValueError, FileNotFoundError, KeyError) as exc:
+        fail(str(exc).strip("'\""))
+    except ServiceUnavailableError as exc:
+        fail(str(exc), code=3)
+    except ServiceError as exc:
+        fail(str(exc), code=3)
+
+
+@dataclass
+class DeviceLink:
+    """A device service and the name its tables and targets go by (its device id, made unique)."""
+
+    url: str
+    service: DeviceService
+    name: str = ""
+
+
+def connect_devices(urls: list[str], *, token: str | None = None, retries: int = 3) -> list[DeviceLink]:
+    if len(set(urls)) != len(urls):
+        raise ValueError("--device: the same URL is given twice")
+    return [DeviceLink(url=url, service=DeviceService(url, token, retries=retries)) for url in urls]
+
+
+def device_tables(
+    links: list[DeviceLink], space: SearchSpace, *, count_step: int, console: Console | None = None
+) -> dict[str, list[torch.Tensor]]:
+    """Ask every device for the space's latency tables (or take them from the cache) and name the devices."""
+    layers = space.latency_layers()
+    requests = table_layers(layers, count_step)
+    tables: dict[str, list[torch.Tensor]] = {}
+    for link in links:
+        answer = link.service.latency_tables(requests)
+        name = answer.device_id or link.url
+        link.name = name if name not in tables else f"{name}@{link.url}"
+        tables[link.name] = dense_tables(layers, answer)
+        if console is not None:
+            source = "cache (service unreachable)" if answer.from_cache else f"predictor {answer.predictor_version}"
+            console.print(f"tables for {link.name} from {source}: {len(requests)} layers", highlight=False)
+    return tables
+
+
+def verify_on_devices(
+    links: list[DeviceLink], onnx: bytes, targets: dict[str, float], expected: dict[str, float], console: Console
+) -> list[dict[str, Any]]:
+    """Ask each device to predict and measure the exported model; a device that fails is reported, not fatal."""
+    rows = []
+    for link in links:
+        row: dict[str, Any] = {"device": link.name, "url": link.url, "target_ms": targets.get(link.name)}
+        row["expected_ms"] = expected.get(f"latency_ms/{link.name}")
+        try:
+            prediction = link.service.predict_model(onnx)
+            row["predicted_ms"] = prediction.total_ms
+            row["unmodelled"] = prediction.unmodelled
+        except (ServiceError, ServiceUnavailableError) as exc:
+            row["predict_error"] = str(exc)
+        try:
+            measurement = link.service.measure_model(onnx)
+            row.update(measured_ms=measurement.median_ms, p10_ms=measurement.p10_ms, p90_ms=measurement.p90_ms)
+        except (ServiceError, ServiceUnavailableError) as exc:
+            row["measure_error"] = str(exc)
+            console.print(f"{link.name}: {exc}", highlight=False)
+        rows.append(row)
+    return rows
+
+
+def _targets_per_device(devices: list[str], targets: list[float]) -> list[float]:
+    if not targets:
+        fail("--target-latency-ms: give one target for all devices, or one per --device")
+    if len(targets) == 1:
+        return targets * len(devices)
+    if len(targets) != len(devices):
+        fail(f"--target-latency-ms: {len(targets)} targets for {len(devices)} devices; give 1 or {len(devices)}")
+    return targets
+
+
+@app.command()
+def search(
+    device: Annotated[list[str], typer.Option("--device", help="latency service URL; repeat for several devices")],
+    target_latency_ms: Annotated[list[float], typer.Option(help="one for all devices, or one per --device")],
+    out: Annotated[Path, typer.Option(help="output directory")],
+    data: Annotated[str, typer.Option(help="digits, mnist5k, or a CIFAR-10 / ImageFolder directory")] = "digits",
+    steps: Annotated[int, typer.Option(min=1)] = 400,
+    target_flops: Annotated[float | None, typer.Option()] = None,
+    target_params: Annotated[float | None, typer.Option()] = None,
+    space: Annotated[str, typer.Option(help="search space")] = "blocks",
+    resume: Annotated[bool, typer.Option(help="continue from OUT/checkpoint.pt")] = False,
+    expectation: Annotated[str, typer.Option(help="exact or plugin")] = "exact",
+    penalty: Annotated[str, typer.Option(help="hinge or lagrangian")] = "hinge",
+    strength: Annotated[float, typer.Option(help="penalty strength (hinge)")] = 2.0,
+    optimizer: Annotated[str, typer.Option(help="sgd, adam or rmsprop (weights)")] = "adam",
+    lr: Annotated[float, typer.Option()] = 3e-3,
+    gate_lr: Annotated[float, typer.Option()] = 0.05,
+    batch_size: Annotated[int, typer.Option(min=1)] = 64,
+    finetune_steps: Annotated[int, typer.Option(min=0)] = 200,
+    retrain: Annotated[
+        bool, typer.Option(help="retrain the compact network from scratch instead of fine-tuning")
+    ] = False,
+    count_step: Annotated[int, typer.Option(min=1, help="channel-count grid step of the latency tables")] = 4,
+    threshold: Annotated[float, typer.Option(help="keep channels whose probability is at least this")] = 0.5,
+    token: Annotated[str | None, typer.Option(envvar="FIGS_TOKEN", help="bearer token for the services")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    measure: Annotated[bool, typer.Option(help="ask each device to measure and predict the exported model")] = True,
+) -> None:
+    """Search a network that meets the latency targets, compact and fine-tune it, export it, check it on the devices."""
+    targets = _targets_per_device(device, target_latency_ms)
+    with user_errors():
+        bundle = load_dataset(data, seed=seed)
+        if space not in list_spaces():
+            raise ValueError(f"--space: unknown space {space!r}; known: {', '.join(list_spaces())}")
+        supernet = create_space(
+            space, in_channels=bundle.in_channels, num_classes=bundle.num_classes, image_size=bundle.image_size
+        )
+        links = connect_devices(device, token=token)
+        tables = device_tables(links, supernet, count_step=count_step, console=err_console)
+        config = SearchConfig(
+            steps=steps,
+            batch_size=batch_size,
+            optimizer=optimizer,  # type: ignore[arg-type]  # validated in SearchConfig
+            lr=lr,
+            gate_lr=gate_lr,
+            target_latency_ms={link.name: t for link, t in zip(links, targets, strict=True)},
+            target_flops=target_flops,
+            target_params=target_params,
+            penalty=penalty,  # type: ignore[arg-type]
+            strength=strength,
+            expectation=expectation,  # type: ignore[arg-type]
+            seed=seed,
+        )
+        out.mkdir(parents=True, exist_ok=True)
+        meta = {"space": space, "data": data, "seed": seed, "threshold": threshold, **_shape(bundle)}
+        result = run_search(config, supernet, bundle, tables, out_dir=out, resume=resume, checkpoint_meta=meta)
+    compact, arch = supernet.compact(threshold=threshold)
+    if retrain:
+        compact = retrain_from_scratch(compact, bundle, finetune_steps, batch_size=batch_size, seed=seed, progress=True)
+    elif finetune_steps:
+        finetune(compact, bundle, finetune_steps, batch_size=batch_size, seed=seed, progress=True)
+    report = _export_all(
+        compact, arch, bundle, out, result.keep_probabilities, result.history, config.target_latency_ms
+    )
+    report["search"] = {
+        "steps_done": result.steps_done,
+        "converged": result.converged,
+        "wall_seconds": result.wall_seconds,
+        "cost_seconds": result.cost_seconds,
+        "expected_costs": result.final_costs,
+        "supernet_val_accuracy": result.val_accuracy,
+    }
+    report["devices"] = []
+    if measure:
+        onnx = (out / "model.onnx").read_bytes()
+        report["devices"] = verify_on_devices(links, onnx, config.target_latency_ms, result.final_costs, err_console)
+        _print_device_table(report["devices"])
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    console.print(f"wrote {out}/arch.json, model.onnx, model.pt, keep_probabilities.png, trajectory.png, report.json")
+
+
+def _shape(bundle: DataBundle) -> dict[str, int]:
+    return {"in_channels": bundle.in_channels, "num_classes": bundle.num_classes, "image_size": bundle.image_size}
+
+
+def _export_all(
+    compact: torch.nn.Module,
+    arch: dict[str, Any],
+    bundle: DataBundle,
+    out: Path,
+    probabilities: dict[str, list[float]],
+    history: list[dict[str, float]],
+    targets: dict[str, float],
+) -> dict[str, Any]:
+    write_architecture(arch, out / "arch.json")
+    torch.save(compact.state_dict(), out / "model.pt")
+    export_onnx(compact, out / "model.onnx", in_channels=bundle.in_channels, image_size=bundle.image_size)
+    if probabilities:
+        plot_keep_probabilities(probabilities, out / "keep_probabilities.png")
+    if history:
+        plot_trajectory(history, out / "trajectory.png", targets_ms=targets)
+    split = bundle.test if bundle.test is not None else bundle.val
+    result = evaluate(compact, split)
+    params = sum(p.numel() for p in compact.parameters())
+    return {"accuracy": result.accuracy, "accuracy_split": "test" if bundle.test else "val", "params": params}
+
+
+def _print_device_table(rows: list[dict[str, Any]]) -> None:
+    table = Table(title="exported model on each device")
+    for column in ("device", "target ms", "expected ms", "predicted ms", "measured ms", "measured/target"):
+        table.add_column(column, justify="right" if column != "device" else "left")
+
+    def fmt(value: Any) -> str:
+        return f"{value:.3f}" if isinstance(value, float) else str(value if value is not None else "—")
+
+    for row in rows:
+        ratio = row["measured_ms"] / row["target_ms"] if isinstance(row.get("measured_ms"), float) else None
+        table.add_row(
+            row["device"],
+            fmt(row["target_ms"]),
+            fmt(row.get("expected_ms")),
+            fmt(row.get("predicted_ms")),
+            fmt(row.get("measured_ms")),
+            fmt(ratio),
+        )
+    console.print(table)
+
+
+@app.command("export")
+def export_command(
+    checkpoint: Annotated[Path, typer.Option(help="a search checkpoint (OUT/checkpoint.pt)")],
+    out: Annotated[Path, typer.Option(help="output directory")],
+    threshold: Annotated[float | None, typer.Option(help="default: the search's threshold")] = None,
+) -> None:
+    """Compact a searched supernet from its checkpoint and export arch.json, model.onnx and model.pt (no fine-tune)."""
+    with user_errors():
+        if checkpoint.is_dir():
+            checkpoint = checkpoint / CHECKPOINT_NAME
+        supernet, meta = load_checkpoint_space(checkpoint)
+        compact, arch = supernet.compact(threshold=threshold if threshold is not None else meta.get("threshold", 0.5))
+        out.mkdir(parents=True, exist_ok=True)
+        write_architecture(arch, out / "arch.json")
+        torch.save(compact.state_dict(), out / "model.pt")
+        export_onnx(compact, out / "model.onnx", in_channels=meta["in_channels"], image_size=meta["image_size"])
+    console.print(f"wrote {out}/arch.json, model.onnx, model.pt")
+
+
+@app.command("evaluate")
+def evaluate_command(
+    arch: Annotated[Path, typer.Option(help="architecture JSON written by search or export")],
+    weights: Annotated[Path, typer.Option(help="model.pt written next to it")],
+    data: Annotated[str, typer.Option(help="digits, mnist5k, or a directory")] = "digits",
+    split: Annotated[str, typer.Option(help="val or test")] = "test",
+    seed: Annotated[int, typer.Option(help="the split seed used by the search")] = 0,
+) -> None:
+    """Accuracy of an exported compact network on a data split."""
+    with user_errors():
+        if split not in ("val", "test"):
+            raise ValueError(f"--split: must be val or test, got {split!r}")
+        architecture = read_architecture(arch)
+        model = from_architecture(architecture)
+        if not weights.is_file():
+            raise FileNotFoundError(f"--weights: {weights} does not exist")
+        model.load_state_dict(torch.load(weights, weights_only=True))
+        bundle = load_dataset(data, seed=seed)
+        dataset = bundle.test if split == "test" else bundle.val
+        if dataset is None:
+            raise ValueError(f"--split: {data} has no {split} split")
+        result = evaluate(model, dataset)
+    console.print(json.dumps({"accuracy": result.accuracy, "loss": result.loss, "n": result.n}))
+
+
+def main() -> None:  # pragma: no cover - console-script shim for `python -m search.cli`
+    app(prog_name="figs")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
+
+
+__all__ = ["DeviceLink", "app", "connect_devices", "device_tables", "verify_on_devices"]

@@ -1,0 +1,425 @@
+"""Stochastic channel and operator gates (FiGS utilisation variables) and the channel sources built from them.
+
+Every gated operator owns one :class:`ChannelGate` with a learned log-odds per output channel.  A *channel source*
+is anything that says, per channel of a tensor, how likely the channel is alive and what its current mask is:
+a gate, a :class:`GateGroup` (channels tied by a residual add: alive when any member is), an
+:class:`OperatorGated` source (a gate behind a whole-operator gate) or a :class:`GateConcat` (concatenation).
+Cost models consume sources through :meth:`ChannelSource.count_pmf`, the distribution of the number of live
+channels; masking layers consume them through :meth:`ChannelSource.mask`.
+
+Masks are sampled once per training step (``refresh``), shared over the batch and spatial positions, and read by
+every :class:`MaskLayer` that uses the source, so tied consumers see the same sample.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+from search.expected import poisson_binomial_pmf
+
+Estimator = Literal["concrete", "hard_concrete", "reinforce"]
+ESTIMATORS: tuple[str, ...] = ("concrete", "hard_concrete", "reinforce")
+
+# Hard-concrete constants from Louizos et al. (arXiv 1712.01312).
+HARD_CONCRETE_GAMMA = -0.1
+HARD_CONCRETE_ZETA = 1.1
+HARD_CONCRETE_BETA = 2.0 / 3.0
+_HARD_CONCRETE_SHIFT = HARD_CONCRETE_BETA * math.log(-HARD_CONCRETE_GAMMA / HARD_CONCRETE_ZETA)
+_UNIFORM_EPS = 1e-6
+
+
+@dataclass
+class GateConfig:
+    """How gates sample and relax.
+
+    ``temperature`` defaults to 0.5, not morph-net's 0.001: at 0.001 the relaxed mask is a step function whose
+    gradient with respect to the log-odds vanishes except within ~0.001 of the threshold, so the task loss cannot
+    pull a channel back on; only the analytic cost term moves the gates.  At 0.5 the task gradient reaches the
+    log-odds on every step, and ``straight_through=True`` restores exact 0/1 forward masks when wanted.
+    Annealing: ``tau(step) = max(min_temperature, temperature * decay ** (step / decay_steps))``.
+    """
+
+    estimator: Estimator = "concrete"
+    temperature: float = 0.5
+    decay: float = 1.0
+    decay_steps: int = 1000
+    min_temperature: float = 1e-3
+    straight_through: bool = False
+    init_log_odds: float = 2.5
+    keep_first_alive: bool = True
+    # Every channel always on and nothing learned: the uniform width-multiplier baseline of the same space.
+    fixed_on: bool = False
+
+    def __post_init__(self) -> None:
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator: must be one of {', '.join(ESTIMATORS)}, got {self.estimator!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature: must be positive, got {self.temperature}")
+        if not 0 < self.decay <= 1:
+            raise ValueError(f"decay: must be in (0, 1], got {self.decay}")
+        if self.decay_steps <= 0:
+            raise ValueError(f"decay_steps: must be positive, got {self.decay_steps}")
+
+    def temperature_at(self, step: int) -> float:
+        return max(self.min_temperature, self.temperature * self.decay ** (step / self.decay_steps))
+
+
+def logistic_noise(shape: tuple[int, ...], *, device: torch.device, dtype: torch.dtype) -> Tensor:
+    u = torch.rand(shape, device=device, dtype=dtype).clamp(_UNIFORM_EPS, 1 - _UNIFORM_EPS)
+    return torch.log(u) - torch.log1p(-u)
+
+
+@runtime_checkable
+class ChannelSource(Protocol):
+    """Per-channel liveness of one tensor: probabilities for costs, masks for the forward pass."""
+
+    @property
+    def n(self) -> int: ...
+
+    def keep_probability(self) -> Tensor: ...
+
+    def mask(self) -> Tensor: ...
+
+    def alive(self, threshold: float = 0.5) -> Tensor: ...
+
+    def expected_count(self) -> Tensor: ...
+
+    def count_pmf(self, cache: dict[int, Tensor] | None = None) -> Tensor: ...
+
+
+class _Sampled(nn.Module):
+    """Shared plumbing: a learned log-odds vector, the current sample and the annealing step."""
+
+    def __init__(self, n: int, config: GateConfig, name: str) -> None:
+        super().__init__()
+        if n <= 0:
+            raise ValueError(f"n: a gate needs at least one channel, got {n}")
+        self.config = config
+        self.gate_name = name
+        self.log_odds = nn.Parameter(torch.full((n,), float(config.init_log_odds)), requires_grad=not config.fixed_on)
+        self.step = 0
+        self._mask: Tensor | None = None
+        self.last_sample: Tensor | None = None
+
+    @property
+    def n(self) -> int:
+        return int(self.log_odds.numel())
+
+    @property
+    def temperature(self) -> float:
+        return self.config.temperature_at(self.step)
+
+    def set_step(self, step: int) -> None:
+        self.step = int(step)
+
+    def _pinned(self) -> Tensor | None:
+        """Index mask of channels forced alive (the first one, so an operator never vanishes through its gate)."""
+        return None
+
+    def keep_probability(self) -> Tensor:
+        """P(channel alive), differentiable in the log-odds."""
+        logits = self.log_odds
+        if self.config.fixed_on:
+            return torch.ones_like(logits)
+        if self.config.estimator == "hard_concrete":
+            logits = logits - _HARD_CONCRETE_SHIFT
+        p = torch.sigmoid(logits)
+        pinned = self._pinned()
+        return p if pinned is None else torch.where(pinned, torch.ones_like(p), p)
+
+    def alive(self, threshold: float = 0.5) -> Tensor:
+        alive = self.keep_probability().detach() > threshold
+        pinned = self._pinned()
+        return alive if pinned is None else alive | pinned
+
+    def expected_count(self) -> Tensor:
+        return self.keep_probability().sum()
+
+    def count_pmf(self, cache: dict[int, Tensor] | None = None) -> Tensor:
+        if cache is not None and id(self) in cache:
+            return cache[id(self)]
+        return poisson_binomial_pmf(self.keep_probability())
+
+    def sample(self) -> Tensor:
+        """One relaxed (or exact, for REINFORCE) mask of shape ``[n]``."""
+        logits = self.log_odds
+        if self.config.fixed_on:
+            self.last_sample = torch.ones_like(logits)
+            return self.last_sample
+        noise = logistic_noise(tuple(logits.shape), device=logits.device, dtype=logits.dtype)
+        estimator = self.config.estimator
+        if estimator == "reinforce":
+            mask = torch.bernoulli(torch.sigmoid(logits.detach()))
+        elif estimator == "concrete":
+            mask = torch.sigmoid((logits + noise) / self.temperature)
+            if self.config.straight_through:
+                mask = (logits + noise > 0).to(mask.dtype) + mask - mask.detach()
+        else:
+            stretched = torch.sigmoid((logits + noise) / HARD_CONCRETE_BETA)
+            stretched = stretched * (HARD_CONCRETE_ZETA - HARD_CONCRETE_GAMMA) + HARD_CONCRETE_GAMMA
+            mask = stretched.clamp(0.0, 1.0)
+            if self.config.straight_through:
+                mask = (mask > 0.5).to(mask.dtype) + mask - mask.detach()
+        pinned = self._pinned()
+        if pinned is not None:
+            mask = torch.where(pinned, torch.ones_like(mask), mask)
+        self.last_sample = mask.detach()
+        return mask
+
+    def deterministic_mask(self, threshold: float = 0.5) -> Tensor:
+        return self.alive(threshold).to(self.log_odds.dtype)
+
+    def refresh(self) -> None:
+        """Draw this step's mask in training mode; use the deterministic mask in eval mode."""
+        self._mask = self.sample() if self.training else self.deterministic_mask()
+
+    def mask(self) -> Tensor:
+        if self._mask is None:
+            self.refresh()
+        assert self._mask is not None
+        return self._mask
+
+    def log_prob(self, mask: Tensor | None = None) -> Tensor:
+        """Bernoulli log-likelihood of ``mask`` (default: the last sample), for the REINFORCE estimator."""
+        sample = self.last_sample if mask is None else mask
+        if sample is None:
+            raise RuntimeError(f"{self.gate_name}: log_prob before any sample")
+        logits = self.log_odds
+        terms = sample * nn.functional.logsigmoid(logits) + (1 - sample) * nn.functional.logsigmoid(-logits)
+        pinned = self._pinned()
+        if pinned is not None:
+            terms = terms.masked_fill(pinned, 0.0)
+        return terms.sum()
+
+
+class ChannelGate(_Sampled):
+    """One gate per output channel (or neuron) of an operator."""
+
+    def __init__(self, n: int, config: GateConfig | None = None, name: str = "gate") -> None:
+        super().__init__(n, config or GateConfig(), name)
+        pinned = torch.zeros(n, dtype=torch.bool)
+        pinned[0] = self.config.keep_first_alive
+        self.register_buffer("pinned", pinned, persistent=False)
+
+    def _pinned(self) -> Tensor | None:
+        return self.pinned if self.config.keep_first_alive else None
+
+    def extra_repr(self) -> str:
+        return f"{self.gate_name}, n={self.n}, estimator={self.config.estimator}"
+
+
+class OperatorGate(_Sampled):
+    """A single gate that switches a whole operator (one branch of a block) on or off."""
+
+    def __init__(self, config: GateConfig | None = None, name: str = "operator") -> None:
+        super().__init__(1, config or GateConfig(), name)
+
+    def probability(self) -> Tensor:
+        return self.keep_probability()[0]
+
+    def is_on(self, threshold: float = 0.5) -> bool:
+        return bool(self.alive(threshold)[0])
+
+    def extra_repr(self) -> str:
+        return f"{self.gate_name}, estimator={self.config.estimator}"
+
+
+class GateGroup:
+    """Channels tied by a residual add or an add aggregator: a channel lives when any member's channel does.
+
+    P(alive) = 1 − ∏(1 − pᵢ) assumes the members are independent, which holds for distinct gates.
+    """
+
+    def __init__(self, members: list[ChannelSource], name: str = "group") -> None:
+        if not members:
+            raise ValueError("members: a group needs at least one member")
+        sizes = {m.n for m in members}
+        if len(sizes) != 1:
+            raise ValueError(f"members: tied sources must have equal widths, got {sorted(sizes)}")
+        self.members = list(members)
+        self.name = name
+
+    @property
+    def n(self) -> int:
+        return self.members[0].n
+
+    def keep_probability(self) -> Tensor:
+        dead = torch.stack([1 - m.keep_probability() for m in self.members]).prod(dim=0)
+        return 1 - dead
+
+    def mask(self) -> Tensor:
+        return torch.stack([m.mask() for m in self.members]).amax(dim=0)
+
+    def alive(self, threshold: float = 0.5) -> Tensor:
+        return torch.stack([m.alive(threshold) for m in self.members]).any(dim=0)
+
+    def expected_count(self) -> Tensor:
+        return self.keep_probability().sum()
+
+    def count_pmf(self, cache: dict[int, Tensor] | None = None) -> Tensor:
+        if cache is not None and id(self) in cache:
+            return cache[id(self)]
+        return poisson_binomial_pmf(self.keep_probability())
+
+
+class OnOff(Protocol):
+    """A whole-operator switch: one probability, one mask value, one deterministic decision."""
+
+    def probability(self) -> Tensor: ...
+
+    def mask(self) -> Tensor: ...
+
+    def is_on(self, threshold: float = 0.5) -> bool: ...
+
+
+class AnyOf:
+    """On when any of several operator gates is on (a block with a skip runs when any of its operators does)."""
+
+    def __init__(self, gates: list[OperatorGate]) -> None:
+        if not gates:
+            raise ValueError("gates: needs at least one operator gate")
+        self.gates = list(gates)
+
+    def probability(self) -> Tensor:
+        return 1 - torch.stack([1 - g.probability() for g in self.gates]).prod()
+
+    def mask(self) -> Tensor:
+        return torch.stack([g.mask() for g in self.gates]).amax(dim=0)
+
+    def is_on(self, threshold: float = 0.5) -> bool:
+        return any(g.is_on(threshold) for g in self.gates)
+
+
+class OperatorGated:
+    """The channels of an operator that a whole-operator gate can switch off.
+
+    Its count distribution is the exact mixture P(on)·PB(p) + P(off)·δ₀; its per-channel probability P(on)·pᵢ is
+    exact per channel, but channels of one operator are correlated through the shared operator gate.
+    """
+
+    def __init__(self, inner: ChannelSource, operator_gate: OnOff) -> None:
+        self.inner = inner
+        self.operator_gate = operator_gate
+
+    @property
+    def n(self) -> int:
+        return self.inner.n
+
+    def keep_probability(self) -> Tensor:
+        return self.operator_gate.probability() * self.inner.keep_probability()
+
+    def mask(self) -> Tensor:
+        return self.operator_gate.mask() * self.inner.mask()
+
+    def alive(self, threshold: float = 0.5) -> Tensor:
+        return self.inner.alive(threshold) & self.operator_gate.is_on(threshold)
+
+    def expected_count(self) -> Tensor:
+        return self.operator_gate.probability() * self.inner.expected_count()
+
+    def count_pmf(self, cache: dict[int, Tensor] | None = None) -> Tensor:
+        p_on = self.operator_gate.probability()
+        inner = self.inner.count_pmf(cache)
+        off = torch.zeros_like(inner)
+        off[0] = 1.0
+        return p_on * inner + (1 - p_on) * off
+
+
+class GateConcat:
+    """Channels of a concatenation: counts add, so the count distribution is the convolution of the parts'."""
+
+    def __init__(self, parts: list[ChannelSource]) -> None:
+        if not parts:
+            raise ValueError("parts: a concatenation needs at least one part")
+        self.parts = list(parts)
+
+    @property
+    def n(self) -> int:
+        return sum(p.n for p in self.parts)
+
+    def keep_probability(self) -> Tensor:
+        return torch.cat([p.keep_probability() for p in self.parts])
+
+    def mask(self) -> Tensor:
+        return torch.cat([p.mask() for p in self.parts])
+
+    def alive(self, threshold: float = 0.5) -> Tensor:
+        return torch.cat([p.alive(threshold) for p in self.parts])
+
+    def expected_count(self) -> Tensor:
+        return torch.stack([p.expected_count() for p in self.parts]).sum()
+
+    def count_pmf(self, cache: dict[int, Tensor] | None = None) -> Tensor:
+        pmf = self.parts[0].count_pmf(cache)
+        for part in self.parts[1:]:
+            other = part.count_pmf(cache)
+            pmf = nn.functional.conv1d(
+                pmf.view(1, 1, -1), other.flip(0).view(1, 1, -1), padding=other.numel() - 1
+            ).view(-1)
+        return pmf
+
+
+class MaskLayer(nn.Module):
+    """Multiplies a ``[B, C, H, W]`` or ``[B, C]`` tensor by its source's current mask."""
+
+    def __init__(self, source: ChannelSource) -> None:
+        super().__init__()
+        # A plain attribute, not a submodule: the gate's parameters belong to the space's gate list once.
+        self.__dict__["source"] = source
+
+    def forward(self, x: Tensor) -> Tensor:
+        mask = self.source.mask().to(x.dtype)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return x * mask.view(shape)
+
+
+class ReinforceBaseline:
+    """Exponential moving average of the loss, subtracted from it to cut the REINFORCE estimator's variance."""
+
+    def __init__(self, decay: float = 0.9) -> None:
+        if not 0 <= decay < 1:
+            raise ValueError(f"decay: must be in [0, 1), got {decay}")
+        self.decay = decay
+        self.value: float | None = None
+
+    def advantage(self, loss: Tensor) -> float:
+        """``loss − baseline`` for this step, then fold the loss into the baseline."""
+        current = float(loss.detach())
+        advantage = 0.0 if self.value is None else current - self.value
+        self.value = current if self.value is None else self.decay * self.value + (1 - self.decay) * current
+        return advantage
+
+
+def reinforce_surrogate(gates: list[ChannelGate | OperatorGate], loss: Tensor, baseline: ReinforceBaseline) -> Tensor:
+    """A term whose gradient is the REINFORCE estimate of d E[loss] / d log-odds for the REINFORCE gates.
+
+    Add it to the loss; it is zero-valued in expectation only through its gradient, so log it separately.
+    """
+    advantage = baseline.advantage(loss)
+    terms = [g.log_prob() for g in gates if g.config.estimator == "reinforce" and g.last_sample is not None]
+    if not terms:
+        return loss.new_zeros(())
+    return advantage * torch.stack(terms).sum()
+
+
+__all__ = [
+    "ESTIMATORS",
+    "AnyOf",
+    "ChannelGate",
+    "ChannelSource",
+    "GateConcat",
+    "GateConfig",
+    "GateGroup",
+    "MaskLayer",
+    "OperatorGate",
+    "OnOff",
+    "OperatorGated",
+    "ReinforceBaseline",
+    "logistic_noise",
+    "reinforce_surrogate",
+]

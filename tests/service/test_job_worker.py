@@ -1,0 +1,208 @@
+"""The job worker with real onnxruntime timings on tiny variants."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from latency_service import store
+from latency_service.backends import Backend
+from latency_service.config import Settings
+from latency_service.db import make_engine, make_session_factory, migrate, transaction
+from latency_service.jobs import JobWorker, MeasuringSession, configured_backend, run_job, run_job_inline
+from latency_service.models import Measurement
+from predictors.ops import Conv2d, OpSpec, Relu
+
+DEVICE = "test-device"
+
+
+@pytest.fixture
+def settings(fast_env: dict[str, str]) -> Settings:
+    return Settings()
+
+
+@pytest.fixture
+def factory(settings: Settings) -> Iterator[sessionmaker[Session]]:
+    engine = make_engine(settings.database_url)
+    migrate(settings.database_url, engine=engine)
+    factory = make_session_factory(engine)
+    with transaction(factory) as session:
+        store.upsert_device(
+            session=session, device_id=DEVICE, device_class="c", backend="onnxruntime", backend_version="x", host={}
+        )
+    yield factory
+    engine.dispose()
+
+
+def make_job(factory: sessionmaker[Session], ops: list[OpSpec], force: bool = False) -> int:
+    with transaction(factory) as session:
+        return store.create_job(session=session, device_id=DEVICE, ops=ops, force=force).id
+
+
+def measurements(factory: sessionmaker[Session]) -> list[Measurement]:
+    with transaction(factory) as session:
+        return list(session.scalars(select(Measurement).order_by(Measurement.id)))
+
+
+OPS: list[OpSpec] = [Conv2d(cin=4, cout=8, hw=8), Relu(c=8, hw=8), Conv2d(cin=8, cout=4, hw=8, k=1)]
+
+
+def test_inline_job_measures_each_variant_once_and_skips_measured(
+    settings: Settings, factory: sessionmaker[Session]
+) -> None:
+    measuring = MeasuringSession(settings)
+    job = run_job_inline(
+        job_id=make_job(factory, OPS),
+        device_id=DEVICE,
+        session_factory=factory,
+        measuring=measuring,
+        show_progress=False,
+    )
+    assert (job.status, job.done, job.failed, job.total) == ("done", 3, 0, 3)
+    rows = measurements(factory)
+    assert sorted(r.variant_key for r in rows) == sorted(op.key for op in OPS)
+    for row in rows:
+        assert 0 < row.p10_ms <= row.median_ms <= row.p90_ms
+        assert row.n >= 5 and row.overhead_ms is not None and row.overhead_ms > 0
+        assert row.environment["runtime"] == "onnxruntime" and row.environment["intra_op_threads"] == 1
+        assert row.environment["host"]["cpu_model"]
+        assert row.started_at is not None and row.started_at <= row.measured_at
+    # Measured already: a second job skips them all; with force it measures them again.
+    again = run_job_inline(
+        job_id=make_job(factory, OPS),
+        device_id=DEVICE,
+        session_factory=factory,
+        measuring=measuring,
+        show_progress=False,
+    )
+    assert (again.status, again.done) == ("done", 3)
+    assert len(measurements(factory)) == 3
+    forced = run_job_inline(
+        job_id=make_job(factory, OPS[:1], force=True),
+        device_id=DEVICE,
+        session_factory=factory,
+        measuring=measuring,
+        show_progress=False,
+    )
+    assert forced.done == 1
+    assert len(measurements(factory)) == 4
+
+
+class FailingOnRelu:
+    """A real onnxruntime backend whose relu variants fail to build: failures must count, not kill the job."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.inner = configured_backend(settings)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    def prepare_op(self, op: OpSpec) -> object:
+        if op.kind == "relu":
+            raise RuntimeError("relu kernels are broken on this device")
+        return self.inner.prepare_op(op)
+
+
+def test_failed_variants_are_counted_and_the_job_goes_on(settings: Settings, factory: sessionmaker[Session]) -> None:
+    measuring = MeasuringSession(settings, backend_factory=lambda s: FailingOnRelu(s))  # type: ignore[arg-type,return-value]
+    job = run_job_inline(
+        job_id=make_job(factory, OPS),
+        device_id=DEVICE,
+        session_factory=factory,
+        measuring=measuring,
+        show_progress=False,
+    )
+    assert (job.status, job.done, job.failed) == ("done", 2, 1)
+    with transaction(factory) as session:
+        assert "relu kernels are broken" in (store.first_item_error(session=session, job_id=job.id) or "")
+    only_relu = run_job_inline(
+        job_id=make_job(factory, [Relu(c=3, hw=3)]),
+        device_id=DEVICE,
+        session_factory=factory,
+        measuring=measuring,
+        show_progress=False,
+    )
+    assert only_relu.status == "failed" and "all 1 variants failed" in (only_relu.error or "")
+
+
+def test_stopped_job_resumes_without_remeasuring(settings: Settings, factory: sessionmaker[Session]) -> None:
+    measuring = MeasuringSession(settings)
+    job_id = make_job(factory, OPS)
+    with transaction(factory) as session:
+        store.claim_next_job(session=session, device_id=DEVICE)
+    stop_after_first = iter([False, True])
+    job = run_job(
+        job_id=job_id,
+        device_id=DEVICE,
+        session_factory=factory,
+        measuring=measuring,
+        should_stop=lambda: next(stop_after_first, True),
+    )
+    assert (job.status, job.done) == ("running", 1)
+    worker = JobWorker(device_id=DEVICE, session_factory=factory, measuring=measuring)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with transaction(factory) as session:
+                if store.job_status(session=session, job_id=job_id) == "done":
+                    break
+            time.sleep(0.05)
+    finally:
+        worker.stop()
+    keys = [r.variant_key for r in measurements(factory)]
+    assert sorted(keys) == sorted(op.key for op in OPS)  # each exactly once
+
+
+def test_cancel_stops_before_the_next_variant(settings: Settings, factory: sessionmaker[Session]) -> None:
+    measuring = MeasuringSession(settings)
+    job_id = make_job(factory, [Conv2d(cin=4, cout=c, hw=8) for c in range(1, 40)])
+    with transaction(factory) as session:
+        store.claim_next_job(session=session, device_id=DEVICE)
+
+    def cancel_after_two(job: object) -> None:
+        if getattr(job, "done", 0) == 2:
+            with transaction(factory) as session:
+                store.cancel_job(session=session, job_id=job_id)
+
+    job = run_job(
+        job_id=job_id, device_id=DEVICE, session_factory=factory, measuring=measuring, on_progress=cancel_after_two
+    )
+    assert job.status == "cancelled" and job.done == 2
+    assert len(measurements(factory)) == 2
+
+
+def test_job_fails_with_the_reason_when_the_backend_is_missing(fast_env: dict[str, str], tmp_path: Path) -> None:
+    def missing(_settings: Settings) -> Backend:
+        from latency_service.backends import BackendUnavailable
+
+        raise BackendUnavailable("tensorrt: libnvinfer.so.10 not found")
+
+    settings = Settings()
+    engine = make_engine(settings.database_url)
+    migrate(settings.database_url, engine=engine)
+    factory = make_session_factory(engine)
+    with transaction(factory) as session:
+        store.upsert_device(
+            session=session, device_id=DEVICE, device_class="c", backend="tensorrt", backend_version="-", host={}
+        )
+    job_id = make_job(factory, OPS)
+    worker = JobWorker(device_id=DEVICE, session_factory=factory, measuring=MeasuringSession(settings, missing))
+    worker.start()
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with transaction(factory) as session:
+                job = store.job_progress(session=session, job_id=job_id)
+            if job.status == "failed":
+                break
+            time.sleep(0.05)
+    finally:
+        worker.stop()
+        engine.dispose()
+    assert job.status == "failed" and "libnvinfer" in (job.error or "")

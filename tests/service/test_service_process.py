@@ -1,0 +1,150 @@
+"""Real ``latency-service serve`` processes over HTTP: persistence across restarts, resume after SIGKILL, strictly
+one measurement at a time, token and body cap on the wire."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from latency_helpers import ServiceProcess, tiny_ops, wait_for_job
+from sqlalchemy import func, select
+
+from latency_service.db import make_engine, make_session_factory
+from latency_service.models import Measurement
+
+ServiceFactory = Callable[..., ServiceProcess]
+
+
+def stored_measurements(db_url: str) -> list[Measurement]:
+    engine = make_engine(db_url)
+    try:
+        with make_session_factory(engine)() as session:
+            return list(session.scalars(select(Measurement).order_by(Measurement.started_at)))
+    finally:
+        engine.dispose()
+
+
+def slow_ops(count: int) -> list[dict[str, Any]]:
+    return [{"op": "conv2d", "cin": 8, "cout": c, "hw": 16, "k": 3} for c in range(1, count + 1)]
+
+
+def test_results_survive_a_restart(service_factory: ServiceFactory, db_url: str) -> None:
+    service = service_factory(FIGS_DB_URL=db_url).start()
+    with service.client() as client:
+        device = client.get("/v1/device").json()
+        job = client.post("/v1/jobs", json={"ops": tiny_ops(4)})
+        assert job.status_code == 202 and job.json()["total"] == 4 and job.json()["status"] == "queued"
+        assert wait_for_job(client, job.json()["id"])["status"] == "done"
+        before = client.get("/v1/measurements").json()
+    service.stop()
+
+    restarted = service_factory(FIGS_DB_URL=db_url).start()
+    with restarted.client() as client:
+        assert client.get("/v1/device").json()["device_id"] == device["device_id"]
+        assert client.get("/v1/measurements").json() == before
+        assert client.get(f"/v1/jobs/{job.json()['id']}").json()["done"] == 4
+        # Already measured on this device: a new job skips every variant.
+        again = client.post("/v1/jobs", json={"ops": tiny_ops(4)}).json()
+        assert wait_for_job(client, again["id"])["done"] == 4
+    assert len(stored_measurements(db_url)) == 4
+
+
+def test_job_resumes_after_sigkill_without_measuring_twice(service_factory: ServiceFactory, db_url: str) -> None:
+    env = {"FIGS_DB_URL": db_url, "FIGS_MIN_TIME_S": "0.05", "FIGS_MAX_TIME_S": "0.1"}
+    service = service_factory(**env).start()
+    ops = slow_ops(40)
+    with service.client() as client:
+        job_id = client.post("/v1/jobs", json={"ops": ops}).json()["id"]
+        deadline = time.monotonic() + 60
+        while client.get(f"/v1/jobs/{job_id}").json()["done"] < 3:
+            assert time.monotonic() < deadline, "the job never got going"
+            time.sleep(0.02)
+    service.kill()
+    done_at_kill = len(stored_measurements(db_url))
+    assert 3 <= done_at_kill < len(ops)
+
+    restarted = service_factory(**env).start()
+    with restarted.client() as client:
+        job = wait_for_job(client, job_id, timeout=120)
+    assert (job["status"], job["done"], job["failed"]) == ("done", len(ops), 0)
+    keys = [m.variant_key for m in stored_measurements(db_url)]
+    assert len(keys) == len(ops) == len(set(keys))  # every variant measured, none twice
+
+
+def test_concurrent_jobs_never_overlap_in_time(service_factory: ServiceFactory, sqlite_url: str) -> None:
+    service = service_factory(FIGS_DB_URL=sqlite_url).start()
+    job_ids: list[int] = []
+    with service.client() as client:
+        barrier = threading.Barrier(2)
+
+        def submit(ops: list[dict[str, Any]]) -> None:
+            with service.client() as own:
+                barrier.wait()
+                job_ids.append(own.post("/v1/jobs", json={"ops": ops}).json()["id"])
+
+        threads = [
+            threading.Thread(target=submit, args=(slow_ops(12),)),
+            threading.Thread(target=submit, args=(tiny_ops(12),)),
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert len(job_ids) == 2
+        for job_id in job_ids:
+            assert wait_for_job(client, job_id)["status"] == "done"
+    rows = stored_measurements(sqlite_url)
+    assert len(rows) == 24
+    for earlier, later in zip(rows, rows[1:], strict=False):
+        assert earlier.started_at is not None and later.started_at is not None
+        assert later.started_at >= earlier.measured_at, "two measurements overlapped"
+
+
+@pytest.fixture
+def guarded(service_factory: ServiceFactory) -> Iterator[ServiceProcess]:
+    service = service_factory(FIGS_MAX_BODY_BYTES="2048")
+    service.token = "farm-token"
+    yield service.start()
+
+
+def test_token_and_body_cap_on_the_wire(guarded: ServiceProcess, sqlite_url: str) -> None:
+    with guarded.client(token="") as anonymous:
+        assert anonymous.get("/v1/health").json() == {"status": "ok"}
+        assert anonymous.get("/v1/device").status_code == 401
+        assert anonymous.post("/v1/jobs", json={"preset": "smoke"}).status_code == 401
+    with guarded.client() as client:
+        assert client.get("/v1/device").status_code == 200
+        big = {"ops": [{"op": "relu", "c": 4, "hw": 4}] * 100}
+        assert client.post("/v1/jobs", json=big).status_code == 413
+
+        def chunks() -> Iterator[bytes]:  # no Content-Length: the cap must count the streamed bytes
+            yield b'{"ops": ['
+            for _ in range(200):
+                yield b'{"op": "relu", "c": 4, "hw": 4},'
+            yield b'{"op": "relu", "c": 4, "hw": 4}]}'
+
+        streamed = client.post("/v1/jobs", content=chunks(), headers={"Content-Type": "application/json"})
+        assert streamed.status_code == 413
+        assert client.get("/v1/jobs").json() == []
+        assert httpx.get(f"{guarded.url}/v1/jobs", headers={"Authorization": "Bearer farm-token"}).status_code == 200
+    del sqlite_url
+
+
+def test_measurement_counts_are_exact(service_factory: ServiceFactory, sqlite_url: str) -> None:
+    service = service_factory(FIGS_DB_URL=sqlite_url).start()
+    with service.client() as client:
+        job = client.post("/v1/jobs", json={"ops": tiny_ops(3), "force": True}).json()
+        wait_for_job(client, job["id"])
+        forced = client.post("/v1/jobs", json={"ops": tiny_ops(3), "force": True}).json()
+        wait_for_job(client, forced["id"])
+    engine = make_engine(sqlite_url)
+    try:
+        with engine.connect() as connection:
+            count = connection.execute(select(func.count()).select_from(Measurement)).scalar()
+    finally:
+        engine.dispose()
+    assert count == 6
