@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from predictors.fitting import fit_predictors
+from predictors.fitting import FitReport, fit_predictors
 from predictors.ops import Conv2d, OpSpec, op_from_dict
 
 
@@ -67,17 +67,17 @@ def _load_cached(cache: Path) -> list[tuple[OpSpec, float]]:
     return [(op_from_dict(entry["op"]), float(entry["median_ms"])) for entry in stored.values()]
 
 
-def _table(reports: list) -> str:  # type: ignore[type-arg]
+def _table(reports: list[FitReport]) -> str:
     names = sorted({name for r in reports for name in r.candidates})
     header = "| kind | n | " + " | ".join(names) + " | winner | within ±10 % |"
     lines = [header, "|" + "---|" * (len(names) + 4)]
     for r in reports:
         cells = []
         for name in names:
-            mape, within = r.candidates.get(name), r.candidates_within_10pct.get(name)
-            cells.append("–" if mape is None else f"{100 * mape:.1f} % / {100 * within:.0f} %")
-        within = "n/a" if r.within_10pct is None else f"{100 * r.within_10pct:.0f} %"
-        lines.append(f"| {r.op} | {r.n_samples} | " + " | ".join(cells) + f" | {r.model} | {within} |")
+            mape, share = r.candidates.get(name), r.candidates_within_10pct.get(name)
+            cells.append("–" if mape is None or share is None else f"{100 * mape:.1f} % / {100 * share:.0f} %")
+        winner_share = "n/a" if r.within_10pct is None else f"{100 * r.within_10pct:.0f} %"
+        lines.append(f"| {r.op} | {r.n_samples} | " + " | ".join(cells) + f" | {r.model} | {winner_share} |")
     return "\n".join(lines)
 
 

@@ -15,6 +15,8 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
 
 from latency_service import store
 from latency_service.backends import BACKEND_PATHS, BackendUnavailable, backend_class
@@ -53,8 +55,9 @@ def load_settings(**overrides: Any) -> Settings:
         return Settings(**{name: value for name, value in overrides.items() if value is not None})
     except ValidationError as exc:
         first = exc.errors()[0]
-        field = ".".join(str(part) for part in first["loc"]) or "settings"
-        fail(f"{field}: {first['msg']}")
+        message = str(first["msg"]).removeprefix("Value error, ")
+        field = ".".join(str(part) for part in first["loc"])
+        fail(f"{field}: {message}" if field else message)
 
 
 def read_ops_file(path: Path, *, max_elements: int) -> list[OpSpec]:
@@ -77,14 +80,23 @@ def read_ops_file(path: Path, *, max_elements: int) -> list[OpSpec]:
     return ops
 
 
-def _open_store(settings: Settings) -> Any:
+def _open_store(settings: Settings) -> sessionmaker[Session]:
+    """Open and migrate the store, or exit 2 naming the URL (a typo, an unreachable server, an unwritable path)."""
     url = settings.database_url
-    engine = make_engine(url)
     try:
+        engine = make_engine(url)
         migrate(url, engine=engine)
-    except Exception as exc:  # a wrong URL or an unreachable server: one line, not a traceback
-        fail(f"db: cannot open {url}: {exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    except Exception as exc:  # one line for the user, whatever the driver raised
+        reason = str(exc).splitlines()[0] if str(exc) else ""
+        fail(f"db: cannot open {_safe_url(url)}: {exc.__class__.__name__}: {reason}")
     return make_session_factory(engine)
+
+
+def _safe_url(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # an unparsable URL has no password field to hide
+        return url
 
 
 def _check_backend(name: str) -> None:
@@ -126,6 +138,8 @@ def serve(
         threads=threads,
     )
     _check_backend(settings.backend)
+    # Fail here, with one line, on a database that cannot be reached, rather than in uvicorn's startup.
+    _open_store(settings).kw["bind"].dispose()
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level)
 
 
@@ -140,7 +154,7 @@ def profile(
     threads: ThreadsOption = None,
 ) -> None:
     """Measure operator variants here, one at a time, with a progress bar (no server needed)."""
-    from latency_service.jobs import MeasuringSession, run_job_inline
+    from latency_service.jobs import MeasuringSession, new_worker_id, run_job_inline
     from latency_service.presets import UnknownPresetError, preset_ops
 
     settings = load_settings(db_url=db, data_dir=data_dir, backend=backend, threads=threads)
@@ -158,6 +172,7 @@ def profile(
     session_factory = _open_store(settings)
     measuring = MeasuringSession(settings)
     device_id = settings.resolved_device_id
+    worker_id = new_worker_id()
     with transaction(session_factory) as session:
         store.upsert_device(
             session=session,
@@ -167,8 +182,11 @@ def profile(
             backend_version=measuring.backend.runtime_version,
             host=host_environment(),
         )
-        job_id = store.create_job(session=session, device_id=device_id, ops=op_list, force=force, preset=preset).id
+        job_id = store.create_job(
+            session=session, device_id=device_id, ops=op_list, force=force, preset=preset, claimed_by=worker_id
+        ).id
     job = run_job_inline(
+        worker_id=worker_id,
         job_id=job_id,
         device_id=device_id,
         session_factory=session_factory,
@@ -247,8 +265,8 @@ def predict(
 def db_upgrade(db: DbOption = None, data_dir: DataDirOption = None) -> None:
     """Bring the store to the newest schema (the service also does this at start)."""
     settings = load_settings(db_url=db, data_dir=data_dir)
-    _open_store(settings)
-    console.print(f"schema at head: {make_engine(settings.database_url).url.render_as_string(hide_password=True)}")
+    _open_store(settings).kw["bind"].dispose()
+    console.print(f"schema at head: {_safe_url(settings.database_url)}")
 
 
 # Whole-model commands (issue 3: `predict-model FILE.onnx`, `measure-model FILE.onnx`) are registered here by the

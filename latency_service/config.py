@@ -8,6 +8,7 @@ import os
 import platform
 import re
 import socket
+import tempfile
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -91,6 +92,10 @@ class Settings(BaseSettings):
     spread_threshold: float | None = Field(default=None, ge=0)
     max_attempts: int | None = Field(default=None, ge=1)
 
+    measure_lock_path: str | None = Field(
+        default_factory=lambda: str(Path(tempfile.gettempdir()) / "figs-measure.lock"),
+        description="Host-wide lock file that every measuring process takes; empty disables it",
+    )
     poll_interval_s: float = Field(default=1.0, gt=0, description="How often an idle worker looks for new jobs")
 
     @field_validator("cores", mode="before")
@@ -122,7 +127,7 @@ class Settings(BaseSettings):
     def _refuse_open_bind(self) -> Settings:
         if not is_loopback(self.host) and not self.token and not self.insecure:
             raise ValueError(
-                f"host {self.host} is not a loopback address: set a token (FIGS_TOKEN / --token) "
+                f"host: {self.host} is not a loopback address: set a token (FIGS_TOKEN / --token) "
                 "or pass --insecure (FIGS_INSECURE=1) to serve it unauthenticated"
             )
         return self

@@ -11,6 +11,7 @@ import os
 import platform
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,19 @@ def _allowed_cores() -> list[int] | None:
     return None
 
 
+def _realtime_allowed() -> bool:
+    """Whether this process may time under SCHED_FIFO (``measurement`` does where it can); tried and undone."""
+    if not hasattr(os, "sched_setscheduler"):
+        return False
+    try:
+        previous = (os.sched_getscheduler(0), os.sched_getparam(0))
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+    except OSError:
+        return False
+    os.sched_setscheduler(0, *previous)
+    return True
+
+
 @functools.lru_cache(maxsize=1)
 def _static_facts() -> dict[str, Any]:
     records = _cpuinfo_records()
@@ -95,7 +109,41 @@ def _static_facts() -> dict[str, Any]:
         "python_version": platform.python_version(),
         "python_implementation": sys.implementation.name,
         "machine": platform.machine(),
+        "realtime_priority_allowed": _realtime_allowed(),
     }
+
+
+class OtherLoadProbe:
+    """Cores kept busy by other processes (and by the hypervisor, as steal) between ``start`` and ``stop``."""
+
+    _STAT = "/proc/stat"
+
+    def __init__(self) -> None:
+        self._ticks_per_s = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self._start: tuple[float, float, float] | None = None
+
+    def _busy_s(self) -> float | None:
+        try:
+            with open(self._STAT) as stat:
+                fields = [int(v) for v in stat.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        # user nice system idle iowait irq softirq steal ...: everything but idle and iowait is busy.
+        return (sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)) / self._ticks_per_s
+
+    def start(self) -> None:
+        busy = self._busy_s()
+        self._start = None if busy is None else (busy, time.process_time(), time.perf_counter())
+
+    def stop(self) -> float | None:
+        busy = self._busy_s()
+        if self._start is None or busy is None:
+            return None
+        busy0, own0, wall0 = self._start
+        wall = time.perf_counter() - wall0
+        others = (busy - busy0) - (time.process_time() - own0)
+        # /proc/stat counts in 10 ms ticks: below ~0.2 s windows the estimate is mostly rounding.
+        return max(0.0, others / wall) if wall >= 0.2 else None
 
 
 def host_environment() -> dict[str, Any]:
@@ -112,4 +160,4 @@ def host_environment() -> dict[str, Any]:
     return facts
 
 
-__all__ = ["host_environment"]
+__all__ = ["OtherLoadProbe", "host_environment"]

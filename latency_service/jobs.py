@@ -12,8 +12,12 @@ import dataclasses
 import inspect
 import json
 import logging
+import os
+import secrets
+import socket
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -27,14 +31,82 @@ from latency_service.measurement import MeasurementConfig, measure, measure_over
 from latency_service.models import Job, Predictor, utcnow
 from predictors.ops import op_from_dict
 
+try:
+    import fcntl
+except ImportError:  # Windows: the process-wide lock alone
+    fcntl = None  # type: ignore[assignment]
+
 logger = logging.getLogger(__name__)
 
-MEASUREMENT_LOCK = threading.Lock()
+
+class MeasurementLock:
+    """Held around every timed region: a process-wide lock plus, where the OS has ``flock``, a host-wide lock file,
+    so that a local ``latency-service profile`` and a service on the same machine take turns as well."""
+
+    def __init__(self) -> None:
+        self._thread_lock = threading.Lock()
+        self._fd: int | None = None
+        self.path: Path | None = None
+
+    def configure(self, path: str | None) -> None:
+        self.path = Path(path) if path else None
+
+    def __enter__(self) -> MeasurementLock:
+        self._thread_lock.acquire()
+        if self.path is not None and fcntl is not None:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as exc:  # another user's lock file, a read-only /tmp: fall back to this process only
+                logger.warning("measurement lock file %s unusable (%s); locking this process only", self.path, exc)
+            else:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                self._fd = fd
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        try:
+            if self._fd is not None and fcntl is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+                os.close(self._fd)
+        finally:
+            self._fd = None
+            self._thread_lock.release()
+
+
+MEASUREMENT_LOCK = MeasurementLock()
+# A job whose runner has not reported for this long is taken over; items take seconds, so this is generous.
+JOB_LEASE_S = 120.0
 # Backend constructor keywords that settings can fill, by the name each backend gives them.
 _THREAD_KEYWORDS = ("intra_op_threads", "num_threads", "threads")
 _OPT_LEVEL_KEYWORDS = ("optimization_level",)
 
 ProgressCallback = Callable[[Job], None]
+
+
+def new_worker_id() -> str:
+    """``host:pid:token``: identifies one running process across the store (the token guards against pid reuse)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+def job_abandoned(job: Job, *, lease_s: float = JOB_LEASE_S) -> bool:
+    """Whether a running job's process is gone: dead on this host, or silent for longer than the lease."""
+    if not job.claimed_by:
+        return True
+    host, _, rest = job.claimed_by.partition(":")
+    pid = rest.partition(":")[0]
+    if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
+        return True
+    return job.heartbeat_at is None or (utcnow() - job.heartbeat_at).total_seconds() > lease_s
 
 
 def configured_backend(settings: Settings) -> Backend:
@@ -66,6 +138,7 @@ class MeasuringSession:
     def __init__(self, settings: Settings, backend_factory: Callable[[Settings], Backend] = configured_backend) -> None:
         self.settings = settings
         self.config = settings.measurement_config()
+        MEASUREMENT_LOCK.configure(settings.measure_lock_path)
         self._backend_factory = backend_factory
         self._backend: Backend | None = None
         self._overhead_ms: float | None = None
@@ -200,6 +273,7 @@ class JobWorker:
         self.device_id = device_id
         self.session_factory = session_factory
         self.measuring = measuring
+        self.worker_id = new_worker_id()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -240,7 +314,9 @@ class JobWorker:
 
     def _run_next(self) -> bool:
         with transaction(self.session_factory) as session:
-            job = store.claim_next_job(session=session, device_id=self.device_id)
+            job = store.claim_next_job(
+                session=session, device_id=self.device_id, worker_id=self.worker_id, is_abandoned=job_abandoned
+            )
             job_id = job.id if job is not None else None
         if job_id is None:
             return False
@@ -264,16 +340,21 @@ def run_job_inline(
     device_id: str,
     session_factory: sessionmaker[Session],
     measuring: MeasuringSession,
+    worker_id: str | None = None,
     show_progress: bool = True,
 ) -> Job:
-    """Claim and run one job in this thread with a rich progress bar (the CLI's local ``profile``)."""
+    """Run one job in this thread with a rich progress bar (the CLI's local ``profile``).
+
+    Create the job with ``store.create_job(claimed_by=worker_id)`` so that no service worker on the same store takes
+    it first; a queued job is claimed here.
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     with transaction(session_factory) as session:
         job = store.get_job(session=session, job_id=job_id)
         if job.status == "queued":
-            job.status = "running"
-            job.started_at = utcnow()
+            job.status, job.claimed_by = "running", worker_id or new_worker_id()
+            job.started_at = job.heartbeat_at = utcnow()
         total, already = job.total, job.done + job.failed
     columns = (
         TextColumn("[bold]profiling"),

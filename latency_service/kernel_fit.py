@@ -204,7 +204,7 @@ def network_predictions(
 def network_errors(networks: Sequence[ProfiledNetwork], *, method: str = DEFAULT_METHOD, seed: int = 0) -> list[float]:
     """Relative error (predicted / measured − 1) of every network under grouped cross-validation."""
     predicted = network_predictions(networks, method=method, seed=seed)
-    return [float(p / n.wall_ms - 1.0) for p, n in zip(predicted, networks, strict=True)]
+    return [float(p / n.truth_ms - 1.0) for p, n in zip(predicted, networks, strict=True)]
 
 
 def compare_methods(networks: Sequence[ProfiledNetwork], *, seed: int = 0) -> list[dict[str, Any]]:

@@ -177,14 +177,15 @@ class _Sampler:
                 act=self.act() or "relu",
             )
         hw, lo, hi = self.stage()
-        k = self.rng.choice((3, 3, 3, 3, 3, 5, 1)) if hw >= 3 else 1
-        k = 3 if k == 1 and hw >= 3 else k
+        # Maps of 1-2 pixels (32 px inputs, last stage) only take pointwise kernels.
+        k = self.rng.choice((3, 3, 3, 3, 3, 5)) if hw >= 3 else 1
+        k = 3 if k > hw else k
         stride = 2 if self.rng.random() < 0.25 and hw >= 4 else 1
         return Conv2d(
             cin=self.channels(lo, min(hi, 640)),
             cout=self.channels(lo, min(hi, 640)),
             hw=hw,
-            k=min(k, hw),
+            k=k,
             stride=stride,
             bn=True,
             act=self.act(),

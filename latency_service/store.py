@@ -8,7 +8,7 @@ its items together or not at all.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -182,11 +182,6 @@ def has_measurement(*, session: Session, device_id: str, variant_key: str) -> bo
     return session.scalars(query.limit(1)).first() is not None
 
 
-def count_measurements(*, session: Session, device_id: str, variant_key: str) -> int:
-    query = select(func.count()).where(Measurement.device_id == device_id, Measurement.variant_key == variant_key)
-    return session.scalar(query) or 0
-
-
 def training_samples(
     *, session: Session, device_id: str | None = None, device_class: str | None = None
 ) -> list[tuple[OpSpec, float]]:
@@ -225,14 +220,24 @@ def invalidate_measurements(*, session: Session, device_id: str, variant_keys: S
 
 # ---- jobs -------------------------------------------------------------------------------------------------------
 def create_job(
-    *, session: Session, device_id: str, ops: Sequence[OpSpec], force: bool = False, preset: str | None = None
+    *,
+    session: Session,
+    device_id: str,
+    ops: Sequence[OpSpec],
+    force: bool = False,
+    preset: str | None = None,
+    claimed_by: str | None = None,
 ) -> Job:
-    """A queued job with one item per op, in order.  Ops are validated specs: nothing here can fail half-way."""
+    """A job with one item per distinct op, in order: queued, or already running for ``claimed_by`` (a process that
+    runs it itself, so that no worker can take it in between)."""
     if not ops:
         raise ValueError("a job needs at least one operator")
     # Repeats of one variant are measured once: get_or_create_variants returns each key once, in first-seen order.
     ordered = get_or_create_variants(session=session, ops=ops)
     job = Job(device_id=device_id, status="queued", force=force, preset=preset, total=len(ordered), done=0, failed=0)
+    if claimed_by is not None:
+        job.status, job.claimed_by = "running", claimed_by
+        job.started_at = job.heartbeat_at = utcnow()
     session.add(job)
     session.flush()
     session.add_all(
@@ -265,17 +270,22 @@ def unfinished_jobs(*, session: Session, device_id: str) -> list[Job]:
     return sorted(jobs, key=lambda job: (job.status != "running", job.id))
 
 
-def claim_next_job(*, session: Session, device_id: str) -> Job | None:
-    """Mark the next unfinished job of this device running and return it."""
-    jobs = unfinished_jobs(session=session, device_id=device_id)
-    if not jobs:
-        return None
-    job = jobs[0]
-    if job.status == "queued":
-        job.status = "running"
-        job.started_at = utcnow()
-    session.flush()
-    return job
+def claim_next_job(
+    *, session: Session, device_id: str, worker_id: str, is_abandoned: Callable[[Job], bool]
+) -> Job | None:
+    """Lease the next job of this device to ``worker_id``: a queued one, or a running one whose runner is gone
+    (``is_abandoned``; a crash leaves its job ``running``).  Jobs a live process is running are left alone."""
+    for job in unfinished_jobs(session=session, device_id=device_id):
+        if job.status == "running" and job.claimed_by != worker_id and not is_abandoned(job):
+            continue
+        if job.status == "queued":
+            job.status = "running"
+            job.started_at = utcnow()
+        job.claimed_by = worker_id
+        job.heartbeat_at = utcnow()
+        session.flush()
+        return job
+    return None
 
 
 def pending_items(*, session: Session, job_id: int) -> list[JobItem]:
@@ -295,6 +305,7 @@ def mark_item(*, session: Session, job_id: int, position: int, status: str, erro
         return job
     item.status = status
     item.error = error
+    job.heartbeat_at = utcnow()
     if status == "failed":
         job.failed += 1
     else:

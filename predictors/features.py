@@ -55,9 +55,13 @@ def _intensity(flops: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
 
 
 # ---- conv2d ---------------------------------------------------------------------------------------------------
+# Kernel classes inside conv2d: onnxruntime runs each through a different code path (depthwise NCHWc kernel,
+# 1x1 as a GEMM, k x k NCHWc direct convolution, grouped convolution), each with its own attainable FLOP rate.
+CONV_DENSE, CONV_POINTWISE, CONV_DEPTHWISE, CONV_GROUPED = 0, 1, 2, 3
+
 CONV_FEATURES: list[str] = [
     "batch", "cin", "cout", "hw", "out_hw", "k", "stride", "groups", "cin_per_group", "cout_per_group",
-    "depthwise", "bn", *_ACT_NAMES, "flops", "params", "bytes", "arithmetic_intensity", "in_elements",
+    "depthwise", "conv_class", "bn", *_ACT_NAMES, "flops", "params", "bytes", "arithmetic_intensity", "in_elements",
     "out_elements", *_channel_names("cin"), *_channel_names("cout"), "flops_pad8", "flops_pad16",
 ]  # fmt: skip
 
@@ -75,6 +79,9 @@ def _conv_columns(ops: Sequence[OpSpec]) -> Columns:
     out_hw = np.floor((hw + 2 * np.floor(k / 2) - k) / stride) + 1
     cin_pg, cout_pg = cin / groups, cout / groups
     depthwise = ((groups == cin) & (groups == cout) & (groups > 1)).astype(np.float64)
+    conv_class = np.select(
+        [depthwise > 0, groups > 1, k == 1], [CONV_DEPTHWISE, CONV_GROUPED, CONV_POINTWISE], default=CONV_DENSE
+    )
     pixels = batch * out_hw**2 * k**2
     params = cout * cin_pg * k**2 + cout
     in_el, out_el = batch * cin * hw**2, batch * cout * out_hw**2
@@ -88,7 +95,8 @@ def _conv_columns(ops: Sequence[OpSpec]) -> Columns:
 
     return {
         "batch": batch, "cin": cin, "cout": cout, "hw": hw, "out_hw": out_hw, "k": k, "stride": stride,
-        "groups": groups, "cin_per_group": cin_pg, "cout_per_group": cout_pg, "depthwise": depthwise, "bn": bn,
+        "groups": groups, "cin_per_group": cin_pg, "cout_per_group": cout_pg, "depthwise": depthwise,
+        "conv_class": conv_class, "bn": bn,
         **_act_columns(act), "flops": flops, "params": params, "bytes": nbytes,
         "arithmetic_intensity": _intensity(flops, nbytes), "in_elements": in_el, "out_elements": out_el,
         **_channel_columns("cin", cin), **_channel_columns("cout", cout),
@@ -207,6 +215,11 @@ def compute_columns(kind: str) -> list[str]:
     return [n for n in ("flops", "flops_pad16") if n in names]
 
 
+def class_column(kind: str) -> str | None:
+    """The feature that splits a kind into kernel classes fitted with separate roofline terms, if it has one."""
+    return "conv_class" if kind == Conv2d.kind else None
+
+
 def feature_matrix(ops: Sequence[OpSpec]) -> np.ndarray:
     """Rows of features for ops that all share one kind; shape (len(ops), len(feature_names(kind))).
 
@@ -228,4 +241,14 @@ def feature_vector(op: OpSpec) -> np.ndarray:
     return result
 
 
-__all__ = ["compute_columns", "feature_matrix", "feature_names", "feature_vector"]
+__all__ = [
+    "CONV_DENSE",
+    "CONV_DEPTHWISE",
+    "CONV_GROUPED",
+    "CONV_POINTWISE",
+    "class_column",
+    "compute_columns",
+    "feature_matrix",
+    "feature_names",
+    "feature_vector",
+]

@@ -11,11 +11,12 @@ Three portable model types:
   scale 1).
 * ``linear`` — ``x @ coef + intercept``.
 * ``roofline`` — ``max(a * x[compute], b * x[memory]) + c``: the physically shaped model (MorphNet's latency cost)
-  over two feature columns, with its own fitting code in :mod:`predictors.fitting`.
+  over two feature columns, optionally one term per kernel class; fitted in :mod:`predictors.fitting`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -211,47 +212,88 @@ class LinearModel:
         return cls(np.asarray(data["coef"], dtype=np.float64), float(data["intercept"]))
 
 
+@dataclass(frozen=True)
+class RooflineTerm:
+    """``max(a * x[:, compute_column], b * x[:, memory_column]) + c``: seconds per FLOP, per byte, per launch."""
+
+    a: float
+    b: float
+    c: float
+    compute_column: int
+
+    def __post_init__(self) -> None:
+        if not all(math.isfinite(v) and v >= 0 for v in (self.a, self.b, self.c)):
+            raise ValueError(f"roofline coefficients must be finite and non-negative, got {self}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"a": self.a, "b": self.b, "c": self.c, "compute_column": self.compute_column}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RooflineTerm:
+        return cls(float(data["a"]), float(data["b"]), float(data["c"]), int(data["compute_column"]))
+
+
 class Roofline:
-    """``max(a * x[:, compute_column], b * x[:, memory_column]) + c`` with a, b, c >= 0."""
+    """A roofline per kernel class (the value of ``class_column``), with a pooled term for classes it never saw.
+
+    One conv2d kind holds depthwise, pointwise, dense k x k and grouped kernels, which run different code paths
+    with different attainable FLOP rates; a term per class keeps one class's efficiency out of another's.
+    """
 
     kind = "roofline"
 
     def __init__(
-        self, *, a: float, b: float, c: float, compute_column: int, memory_column: int, n_features: int
+        self,
+        *,
+        pooled: RooflineTerm,
+        memory_column: int,
+        n_features: int,
+        class_column: int | None = None,
+        classes: dict[int, RooflineTerm] | None = None,
     ) -> None:
-        if min(a, b, c) < 0:
-            raise ValueError(f"roofline coefficients must be non-negative, got a={a}, b={b}, c={c}")
-        self.a, self.b, self.c = float(a), float(b), float(c)
-        self.compute_column = compute_column
+        self.pooled = pooled
         self.memory_column = memory_column
         self.n_features = n_features
+        self.class_column = class_column
+        self.classes = dict(classes or {})
+        if self.classes and class_column is None:
+            raise ValueError("class terms need a class_column")
+
+    @staticmethod
+    def _term(term: RooflineTerm, x: np.ndarray, memory: np.ndarray) -> np.ndarray:
+        result: np.ndarray = np.maximum(term.a * x[:, term.compute_column], term.b * memory) + term.c
+        return result
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         x = _check_matrix(x, self.n_features)
-        result: np.ndarray = np.maximum(self.a * x[:, self.compute_column], self.b * x[:, self.memory_column]) + self.c
-        return result
+        memory = x[:, self.memory_column]
+        out = self._term(self.pooled, x, memory)
+        for value, term in self.classes.items():
+            rows = x[:, self.class_column] == value
+            if rows.any():
+                out[rows] = self._term(term, x[rows], memory[rows])
+        return out
 
     def to_json(self) -> dict[str, Any]:
         return {
             "type": self.kind,
             "format_version": FORMAT_VERSION,
-            "a": self.a,
-            "b": self.b,
-            "c": self.c,
-            "compute_column": self.compute_column,
-            "memory_column": self.memory_column,
             "n_features": self.n_features,
+            "memory_column": self.memory_column,
+            "pooled": self.pooled.to_json(),
+            "class_column": self.class_column,
+            "classes": {str(value): term.to_json() for value, term in self.classes.items()},
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Roofline:
+        class_column = data.get("class_column")
         return cls(
-            a=float(data["a"]),
-            b=float(data["b"]),
-            c=float(data["c"]),
-            compute_column=int(data["compute_column"]),
+            pooled=RooflineTerm.from_json(data["pooled"]),
             memory_column=int(data["memory_column"]),
             n_features=int(data["n_features"]),
+            class_column=None if class_column is None else int(class_column),
+            classes={int(value): RooflineTerm.from_json(term) for value, term in data.get("classes", {}).items()},
         )
 
 
@@ -337,6 +379,7 @@ __all__ = [
     "LinearModel",
     "PortableModel",
     "Roofline",
+    "RooflineTerm",
     "TreeArrays",
     "TreeEnsemble",
     "export_model",

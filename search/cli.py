@@ -20,20 +20,24 @@ from rich.console import Console
 from rich.table import Table
 
 from search.data import DataBundle, DatasetError, load_dataset
-from search.export import evaluate, export_onnx, load_checkpoint_space, read_architecture, write_architecture
+from search.export import (
+    LatencyCalibration,
+    calibrate_device,
+    evaluate,
+    export_onnx,
+    load_checkpoint_space,
+    read_architecture,
+    write_architecture,
+)
+from search.farm import farm_app
+from search.gates import GateConfig
 from search.plots import plot_keep_probabilities, plot_trajectory
 from search.service_client import DeviceService, ServiceError, ServiceUnavailableError, dense_tables, table_layers
 from search.spaces.base import SearchSpace, create_space, from_architecture, list_spaces
 from search.trainer import CHECKPOINT_NAME, SearchConfig, finetune, retrain_from_scratch, run_search
 
 app = typer.Typer(help="FiGS: hardware-aware fine-grained stochastic architecture search.", no_args_is_help=True)
-try:
-    from search.farm import farm_app
-except ModuleNotFoundError as missing:  # TEMPORARY until search/farm.py lands
-    if missing.name != "search.farm":
-        raise
-else:
-    app.add_typer(farm_app, name="farm")
+app.add_typer(farm_app, name="farm")
 console = Console()
 err_console = Console(stderr=True)
 
@@ -89,14 +93,46 @@ def device_tables(
     return tables
 
 
+CALIBRATION_MULTIPLIERS = (0.25, 0.5, 0.75, 1.0)
+
+
+def calibrate_devices(
+    links: list[DeviceLink], space: str, bundle: DataBundle, console: Console
+) -> dict[str, LatencyCalibration]:
+    """Per device, the table → measured map from uniform-width models of ``space`` (all gates fixed on)."""
+    uniform = [
+        create_space(space, **_shape(bundle), width_multiplier=m, gate=GateConfig(fixed_on=True))
+        for m in CALIBRATION_MULTIPLIERS
+    ]
+    calibrations = {}
+    for link in links:
+        calibration = calibrate_device(
+            link.service, uniform, in_channels=bundle.in_channels, image_size=bundle.image_size
+        )
+        calibrations[link.name] = calibration
+        console.print(
+            f"{link.name}: measured ≈ {calibration.offset_ms:.4f} + {calibration.scale:.3f} × table ms "
+            f"(uniform models measured {', '.join(f'{p[1]:.4f}' for p in calibration.points)} ms)",
+            highlight=False,
+        )
+    return calibrations
+
+
 def verify_on_devices(
-    links: list[DeviceLink], onnx: bytes, targets: dict[str, float], expected: dict[str, float], console: Console
+    links: list[DeviceLink],
+    onnx: bytes,
+    targets: dict[str, float],
+    expected: dict[str, float],
+    calibrations: dict[str, LatencyCalibration],
+    console: Console,
 ) -> list[dict[str, Any]]:
     """Ask each device to predict and measure the exported model; a device that fails is reported, not fatal."""
     rows = []
     for link in links:
         row: dict[str, Any] = {"device": link.name, "url": link.url, "target_ms": targets.get(link.name)}
-        row["expected_ms"] = expected.get(f"latency_ms/{link.name}")
+        table_ms = expected.get(f"latency_ms/{link.name}")
+        calibration = calibrations.get(link.name, LatencyCalibration.identity())
+        row["expected_ms"] = calibration.to_measured(table_ms) if table_ms is not None else None
         try:
             prediction = link.service.predict_model(onnx)
             row["predicted_ms"] = prediction.total_ms
@@ -146,6 +182,9 @@ def search(
         bool, typer.Option(help="retrain the compact network from scratch instead of fine-tuning")
     ] = False,
     count_step: Annotated[int, typer.Option(min=1, help="channel-count grid step of the latency tables")] = 4,
+    calibrate: Annotated[
+        bool, typer.Option(help="map table ms to measured ms with uniform-width models measured on each device")
+    ] = True,
     threshold: Annotated[float, typer.Option(help="keep channels whose probability is at least this")] = 0.5,
     token: Annotated[str | None, typer.Option(envvar="FIGS_TOKEN", help="bearer token for the services")] = None,
     seed: Annotated[int, typer.Option()] = 0,
@@ -162,13 +201,21 @@ def search(
         )
         links = connect_devices(device, token=token)
         tables = device_tables(links, supernet, count_step=count_step, console=err_console)
+        calibrations = calibrate_devices(links, space, bundle, err_console) if calibrate else {}
+        table_targets = {
+            link.name: calibrations[link.name].to_table(t) if calibrate else t
+            for link, t in zip(links, targets, strict=True)
+        }
+        for name, table_target in table_targets.items():
+            if not table_target > 0:
+                raise ValueError(f"--target-latency-ms: the target for {name} is below what any network here can reach")
         config = SearchConfig(
             steps=steps,
             batch_size=batch_size,
             optimizer=optimizer,  # type: ignore[arg-type]  # validated in SearchConfig
             lr=lr,
             gate_lr=gate_lr,
-            target_latency_ms={link.name: t for link, t in zip(links, targets, strict=True)},
+            target_latency_ms=table_targets,
             target_flops=target_flops,
             target_params=target_params,
             penalty=penalty,  # type: ignore[arg-type]
@@ -184,6 +231,7 @@ def search(
         compact = retrain_from_scratch(compact, bundle, finetune_steps, batch_size=batch_size, seed=seed, progress=True)
     elif finetune_steps:
         finetune(compact, bundle, finetune_steps, batch_size=batch_size, seed=seed, progress=True)
+    measured_targets = {link.name: t for link, t in zip(links, targets, strict=True)}
     report = _export_all(
         compact, arch, bundle, out, result.keep_probabilities, result.history, config.target_latency_ms
     )
@@ -195,10 +243,16 @@ def search(
         "expected_costs": result.final_costs,
         "supernet_val_accuracy": result.val_accuracy,
     }
+    report["calibration"] = {
+        name: {"offset_ms": c.offset_ms, "scale": c.scale, "points": c.points} for name, c in calibrations.items()
+    }
+    report["table_targets_ms"] = config.target_latency_ms
     report["devices"] = []
     if measure:
         onnx = (out / "model.onnx").read_bytes()
-        report["devices"] = verify_on_devices(links, onnx, config.target_latency_ms, result.final_costs, err_console)
+        report["devices"] = verify_on_devices(
+            links, onnx, measured_targets, result.final_costs, calibrations, err_console
+        )
         _print_device_table(report["devices"])
     (out / "report.json").write_text(json.dumps(report, indent=2))
     console.print(f"wrote {out}/arch.json, model.onnx, model.pt, keep_probabilities.png, trajectory.png, report.json")

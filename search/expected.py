@@ -18,7 +18,6 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-
 # Above this size the dense degree map's matmul costs more than the pad-and-skew copies (measured, 1 thread).
 _DENSE_MAP_MAX_DEGREE = 17
 _DEGREE_MAPS: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
@@ -107,7 +106,8 @@ def interpolate_table(
     expected_rows = 1 if grid_cin is None else len(grid_cin)
     expected_cols = 1 if grid_cout is None else len(grid_cout)
     if tuple(values.shape) != (expected_rows, expected_cols):
-        raise ValueError(f"table: shape {tuple(values.shape)} does not match the grid ({expected_rows}, {expected_cols})")
+        grid_shape = (expected_rows, expected_cols)
+        raise ValueError(f"table: shape {tuple(values.shape)} does not match the grid {grid_shape}")
     if (grid_cin is None) != (n_in is None) or (grid_cout is None) != (n_out is None):
         raise ValueError("grid: a grid and its full count must be given together")
     if grid_cin is not None and n_in is not None:

@@ -105,6 +105,8 @@ class _Sampled(nn.Module):
         self.step = 0
         self._mask: Tensor | None = None
         self.last_sample: Tensor | None = None
+        # Counts refreshes so that cost caches know a new step (a new forward pass) has begun.
+        self.refresh_count = 0
 
     @property
     def n(self) -> int:
@@ -123,7 +125,7 @@ class _Sampled(nn.Module):
 
     def keep_probability(self) -> Tensor:
         """P(channel alive), differentiable in the log-odds."""
-        logits = self.log_odds
+        logits: Tensor = self.log_odds
         if self.config.fixed_on:
             return torch.ones_like(logits)
         if self.config.estimator == "hard_concrete":
@@ -177,6 +179,7 @@ class _Sampled(nn.Module):
     def refresh(self) -> None:
         """Draw this step's mask in training mode; use the deterministic mask in eval mode."""
         self._mask = self.sample() if self.training else self.deterministic_mask()
+        self.refresh_count += 1
 
     def mask(self) -> Tensor:
         if self._mask is None:
@@ -199,6 +202,8 @@ class _Sampled(nn.Module):
 
 class ChannelGate(_Sampled):
     """One gate per output channel (or neuron) of an operator."""
+
+    pinned: Tensor
 
     def __init__(self, n: int, config: GateConfig | None = None, name: str = "gate") -> None:
         super().__init__(n, config or GateConfig(), name)
@@ -367,6 +372,8 @@ class GateConcat:
 class MaskLayer(nn.Module):
     """Multiplies a ``[B, C, H, W]`` or ``[B, C]`` tensor by its source's current mask."""
 
+    source: ChannelSource
+
     def __init__(self, source: ChannelSource) -> None:
         super().__init__()
         # A plain attribute, not a submodule: the gate's parameters belong to the space's gate list once.
@@ -416,8 +423,8 @@ __all__ = [
     "GateConfig",
     "GateGroup",
     "MaskLayer",
-    "OperatorGate",
     "OnOff",
+    "OperatorGate",
     "OperatorGated",
     "ReinforceBaseline",
     "logistic_noise",

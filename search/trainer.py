@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from search.costs import CostModel, LagrangianPenalty, hinge
+from search.costs import CostModel, CostTargets, CostValues, make_lagrangians, total_penalty
 from search.data import DataBundle
 from search.export import evaluate
 from search.gates import ReinforceBaseline, reinforce_surrogate
@@ -43,7 +43,7 @@ class SearchConfig:
     target_latency_ms: dict[str, float] = field(default_factory=dict)
     target_flops: float | None = None
     target_params: float | None = None
-    penalty: Literal["hinge", "lagrangian"] = "hinge"
+    penalty: Literal["hinge", "log_hinge", "lagrangian"] = "hinge"
     strength: float = 2.0
     multiplier_lr: float = 0.05
     expectation: Literal["exact", "plugin"] = "exact"
@@ -61,8 +61,8 @@ class SearchConfig:
             raise ValueError("batch_size: must be at least 1")
         if self.optimizer not in ("sgd", "adam", "rmsprop"):
             raise ValueError(f"optimizer: must be sgd, adam or rmsprop, got {self.optimizer!r}")
-        if self.penalty not in ("hinge", "lagrangian"):
-            raise ValueError(f"penalty: must be hinge or lagrangian, got {self.penalty!r}")
+        if self.penalty not in ("hinge", "log_hinge", "lagrangian"):
+            raise ValueError(f"penalty: must be hinge, log_hinge or lagrangian, got {self.penalty!r}")
         if self.expectation not in ("exact", "plugin"):
             raise ValueError(f"expectation: must be exact or plugin, got {self.expectation!r}")
         for device, target in self.target_latency_ms.items():
@@ -115,49 +115,37 @@ def _set_step(space: nn.Module, step: int) -> None:
 
 
 class _Penalties:
-    """Relative hinge or Lagrangian terms, one per target."""
+    """Relative hinge / log-hinge / Lagrangian terms, one per target, named like the costs they constrain."""
 
     def __init__(self, config: SearchConfig) -> None:
         self.config = config
-        self.targets: dict[str, float] = {f"latency_ms/{d}": t for d, t in config.target_latency_ms.items()}
-        if config.target_flops is not None:
-            self.targets["flops"] = config.target_flops
-        if config.target_params is not None:
-            self.targets["params"] = config.target_params
-        self.multipliers = {name: LagrangianPenalty(lr=config.multiplier_lr) for name in self.targets}
+        self.targets = CostTargets(
+            latency_ms=dict(config.target_latency_ms), flops=config.target_flops, params=config.target_params
+        )
+        self.lagrangians = make_lagrangians(self.targets, lr=config.multiplier_lr)
 
-    def __call__(self, costs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        terms = {}
-        for name, target in self.targets.items():
-            if self.config.penalty == "hinge":
-                terms[f"penalty/{name}"] = self.config.strength * hinge(costs[name], target)
-            else:
-                terms[f"penalty/{name}"] = self.multipliers[name](costs[name], target)
-        return terms
+    def __call__(self, values: CostValues) -> dict[str, torch.Tensor]:
+        terms = total_penalty(
+            values, self.targets, strength=self.config.strength, kind=self.config.penalty, lagrangians=self.lagrangians
+        )
+        return {f"penalty/{name}": term for name, term in terms.items()}
 
-    def update_multipliers(self, costs: Mapping[str, torch.Tensor]) -> None:
+    def update_multipliers(self, values: CostValues) -> None:
         if self.config.penalty == "lagrangian":
-            for name, target in self.targets.items():
-                self.multipliers[name].update(costs[name].detach(), target)
+            for name, value, _ in self.targets.items(values):
+                self.lagrangians[name].update(value)
 
     def state_dict(self) -> dict[str, Any]:
-        return {name: m.state_dict() for name, m in self.multipliers.items()}
+        return {name: m.state_dict() for name, m in self.lagrangians.items()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         for name, value in state.items():
-            self.multipliers[name].load_state_dict(value)
+            self.lagrangians[name].load_state_dict(value)
 
 
 def _progress(label: str, enabled: bool) -> Progress:
     columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     return Progress(*columns, TextColumn("{task.fields[status]}"), disable=not enabled)
-
-
-def expected_costs(cost_model: CostModel, devices: list[str]) -> dict[str, torch.Tensor]:
-    costs = {f"latency_ms/{d}": cost_model.expected_latency_ms(d) for d in devices}
-    costs["flops"] = cost_model.expected_flops()
-    costs["params"] = cost_model.expected_params()
-    return costs
 
 
 def run_search(
@@ -186,7 +174,7 @@ def run_search(
     missing = [d for d in devices if d not in tables]
     if missing:
         raise ValueError(f"target_latency_ms: no latency tables for device(s) {', '.join(missing)}")
-    cost_model = CostModel(space, dict(tables), mode=config.expectation)
+    cost_model = CostModel.from_space(space, dict(tables), mode=config.expectation)
     weight_opt = make_optimizer(config.optimizer, space.weight_parameters(), config.lr, config.weight_decay)
     # Gates use Adam regardless: their gradients mix CE and penalty scales that differ by orders of magnitude.
     gate_opt = torch.optim.Adam(space.gate_parameters(), lr=config.gate_lr)
@@ -200,8 +188,9 @@ def run_search(
         if checkpoint_path is None or not checkpoint_path.is_file():
             raise FileNotFoundError(f"resume: no checkpoint at {checkpoint_path}")
         state = torch.load(checkpoint_path, weights_only=False)
-        if state["config"] != asdict(config):
-            changed = sorted(k for k, v in asdict(config).items() if state["config"].get(k) != v)
+        # Only the step budget may change on resume (to extend a search); anything else is a different search.
+        changed = sorted(k for k, v in asdict(config).items() if k != "steps" and state["config"].get(k) != v)
+        if changed:
             raise ValueError(f"resume: checkpoint was written with different settings ({', '.join(changed)})")
         space.load_state_dict(state["space"])
         weight_opt.load_state_dict(state["weight_opt"])
@@ -246,10 +235,10 @@ def run_search(
             logits = space(inputs)
             task_loss = nn.functional.cross_entropy(logits, labels)
             cost_started = time.perf_counter()
-            costs = expected_costs(cost_model, devices)
-            terms = penalties(costs)
+            values = cost_model.evaluate()
+            terms = penalties(values)
             cost_seconds += time.perf_counter() - cost_started
-            loss = task_loss + sum(terms.values(), torch.zeros(()))
+            loss = task_loss + terms["penalty/total"]
             if uses_reinforce:
                 # Exact Bernoulli masks carry no task gradient to the gates: the log-derivative term stands in for it.
                 # The cost terms are analytic expectations and keep their exact gradient.
@@ -259,13 +248,13 @@ def run_search(
             loss.backward()
             weight_opt.step()
             gate_opt.step()
-            penalties.update_multipliers(costs)
+            penalties.update_multipliers(values)
 
             done = step + 1
             if done % config.log_every == 0 or done == config.steps or done % config.eval_every == 0:
                 record = {"step": float(done), "loss": float(loss), "task_loss": float(task_loss)}
                 record["train_accuracy"] = float((logits.argmax(1) == labels).float().mean())
-                record.update({name: float(value) for name, value in costs.items()})
+                record.update(values.as_floats())
                 record.update({name: float(value) for name, value in terms.items()})
                 if done % config.eval_every == 0 or done == config.steps:
                     val_accuracy = evaluate(space, data.val).accuracy
@@ -295,7 +284,7 @@ def run_search(
     steps_done = step + 1 if config.steps > start_step else start_step
     save_checkpoint(steps_done)
     with torch.no_grad():
-        final = {name: float(value) for name, value in expected_costs(cost_model, devices).items()}
+        final = cost_model.evaluate().as_floats()
     return SearchResult(
         history=history,
         keep_probabilities=keep_probabilities(space),
@@ -367,7 +356,6 @@ __all__ = [
     "CHECKPOINT_NAME",
     "SearchConfig",
     "SearchResult",
-    "expected_costs",
     "finetune",
     "keep_probabilities",
     "make_optimizer",

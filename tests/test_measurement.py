@@ -62,7 +62,10 @@ def test_stats_of_a_real_kernel_are_consistent() -> None:
 
 def test_noisy_runnable_is_flagged_after_bounded_attempts() -> None:
     noisy = SleepingRunnable(0.0002, 0.003)
-    config = MeasurementConfig(warmup_runs=1, warmup_s=0.0, min_runs=30, min_time_s=0.02, max_attempts=3)
+    # Contention off: on a loaded machine it would (rightly) stop the retries early and make the count vary.
+    config = MeasurementConfig(
+        warmup_runs=1, warmup_s=0.0, min_runs=30, min_time_s=0.02, max_attempts=3, contention_threshold=None
+    )
     stats = measure(noisy, config)
     assert stats.flagged and stats.attempts == 3
     assert stats.flag_reason is not None and "cv" in stats.flag_reason
@@ -110,12 +113,14 @@ def test_contention_from_another_process_is_detected() -> None:
     busy = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 3: pass"])
     try:
         time.sleep(0.2)
-        config = MeasurementConfig(warmup_runs=1, min_runs=10, min_time_s=0.4, max_attempts=1, cv_threshold=10.0)
+        config = MeasurementConfig(warmup_runs=1, min_runs=10, min_time_s=0.4, max_attempts=3, cv_threshold=10.0)
         stats = measure(SleepingRunnable(0.001, 0.001), config)
     finally:
         busy.kill()
         busy.wait()
     assert stats.flagged and "contention" in str(stats.flag_reason)
+    # A load that outlasts two attempts is not retried a third time.
+    assert stats.attempts == 2
 
 
 @pytest.mark.parametrize(
@@ -150,6 +155,28 @@ def test_pinning_restricts_the_process_and_can_be_undone() -> None:
     finally:
         os.sched_setaffinity(0, allowed)
     assert pin_to_cores(None) is None
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setscheduler"), reason="this OS has no sched_setscheduler")
+def test_realtime_timing_restores_the_normal_policy() -> None:
+    seen: list[int] = []
+
+    class PolicyRecorder(SleepingRunnable):
+        def time_once(self) -> float:
+            seen.append(os.sched_getscheduler(0))
+            return super().time_once()
+
+    before = os.sched_getscheduler(0)
+    measure(PolicyRecorder(0.0, 0.0), FAST)
+    assert os.sched_getscheduler(0) == before
+    expected = os.SCHED_FIFO if host_environment()["realtime_priority_allowed"] else before
+    assert set(seen) == {expected}
+    # A runnable with its own worker threads is never timed under FIFO: it would starve them.
+    seen.clear()
+    pooled = PolicyRecorder(0.0, 0.0)
+    pooled.threads = 2  # type: ignore[attr-defined]
+    measure(pooled, FAST)
+    assert set(seen) == {before}
 
 
 def test_host_environment_names_the_machine() -> None:

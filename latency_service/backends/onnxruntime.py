@@ -49,7 +49,9 @@ def _graph_level(name: str) -> Any:
 class OnnxRuntimeRunnable:
     """A loaded session whose inputs and outputs live in OrtValues bound once; ``time_once`` times only the run."""
 
-    def __init__(self, session: Any, feeds: dict[str, np.ndarray]) -> None:
+    def __init__(self, session: Any, feeds: dict[str, np.ndarray], *, threads: int = 1) -> None:
+        # Read by the measurement protocol: a caller timing under SCHED_FIFO would starve its own pool's workers.
+        self.threads = threads
         self._session = session
         # OrtValues made from numpy arrays share their memory: keep the arrays alive as long as the binding.
         self._arrays = dict(feeds)
@@ -138,7 +140,7 @@ class OnnxRuntimeBackend(Backend):
 
     def _load(self, model_bytes: bytes, feeds: dict[str, np.ndarray]) -> OnnxRuntimeRunnable:
         session = ort.InferenceSession(model_bytes, sess_options=self.session_options(), providers=[_PROVIDER])
-        return OnnxRuntimeRunnable(session, feeds)
+        return OnnxRuntimeRunnable(session, feeds, threads=self.intra_op_threads)
 
     def prepare_op(self, op: OpSpec) -> Runnable:
         model = build_op_model(op)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import Connection
 
+import latency_service.kernel_models  # noqa: F401  (registers issue 3's tables on Base for autogenerate)
 from latency_service.models import Base
 
 config = context.config

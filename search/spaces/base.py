@@ -88,9 +88,11 @@ class LatencyLayer:
 
     def op_at(self, cin: int, cout: int) -> OpSpec:
         """The operator with ``cin`` / ``cout`` live channels (depthwise: ``cout`` both)."""
-        return self.op.resized(cin, cout)  # type: ignore[attr-defined, no-any-return]
+        return self.op.resized(cin, cout)  # type: ignore[attr-defined]
 
-    def dense_table(self, cin_counts: list[int], cout_counts: list[int], latency_ms: Tensor | list[list[float]]) -> Tensor:
+    def dense_table(
+        self, cin_counts: list[int], cout_counts: list[int], latency_ms: Tensor | list[list[float]]
+    ) -> Tensor:
         """A service table on ``count_grid`` counts → dense ``table_shape`` table (0 ms at 0 live channels)."""
         values = torch.as_tensor(latency_ms, dtype=torch.float64)
         return interpolate_table(

@@ -95,11 +95,13 @@ class Block(nn.Module):
         kernels = block_kernels(config.kernels, hw)
         self.kernels = kernels
         self.expanded = width
-        self.expand = nn.ModuleList(ConvBNAct(cin, width, 1) for _ in kernels)
-        self.depthwise = nn.ModuleList(ConvBNAct(width, width, k, stride, width) for k in kernels)
-        self.branch_gates = nn.ModuleList(
-            ChannelGate(width, config.gate, f"{name}.op{j}.k{k}") for j, k in enumerate(kernels)
-        )
+        # Typed lists for the code, ModuleLists for registration (parameters, train/eval, state dict).
+        self.expand_units = [ConvBNAct(cin, width, 1) for _ in kernels]
+        self.depthwise_units = [ConvBNAct(width, width, k, stride, width) for k in kernels]
+        self.branch_gate_list = [ChannelGate(width, config.gate, f"{name}.op{j}.k{k}") for j, k in enumerate(kernels)]
+        self.expand = nn.ModuleList(self.expand_units)
+        self.depthwise = nn.ModuleList(self.depthwise_units)
+        self.branch_gates = nn.ModuleList(self.branch_gate_list)
         # A block that cannot be skipped keeps its first operator unconditionally.
         first_gated = 0 if self.residual else 1
         self.operator_gates = nn.ModuleDict(
@@ -109,7 +111,7 @@ class Block(nn.Module):
         self.project = ConvBNAct(branch_width, cout, 1, act=None)
         self.project_gate = ChannelGate(cout, config.gate, f"{name}.proj")
         self.branch_sources: list[ChannelSource] = []
-        for j, gate in enumerate(self.branch_gates):
+        for j, gate in enumerate(self.branch_gate_list):
             op_gate = self.operator_gate(j)
             self.branch_sources.append(gate if op_gate is None else OperatorGated(gate, op_gate))
         self.aggregate_source: ChannelSource = (
@@ -121,11 +123,13 @@ class Block(nn.Module):
             AnyOf([g for g in self.operator_gates.values() if isinstance(g, OperatorGate)]) if self.residual else None
         )
         self.masks = nn.ModuleList(MaskLayer(s) for s in self.branch_sources)
-        self.expand_masks = nn.ModuleList(MaskLayer(g) for g in self.branch_gates)  # type: ignore[arg-type]
+        self.expand_masks = nn.ModuleList(MaskLayer(g) for g in self.branch_gate_list)
         self.project_mask = MaskLayer(self.project_gate)
 
     def operator_gate(self, j: int) -> OperatorGate | None:
-        gate = self.operator_gates[str(j)] if str(j) in self.operator_gates else None
+        if str(j) not in self.operator_gates:
+            return None
+        gate = self.operator_gates[str(j)]
         return gate if isinstance(gate, OperatorGate) else None
 
     def stream_member(self) -> ChannelSource:
@@ -135,14 +139,14 @@ class Block(nn.Module):
         return OperatorGated(self.project_gate, self.alive_switch)
 
     def forward(self, x: Tensor) -> Tensor:
-        outputs = []
-        for j in range(len(self.expand)):
+        outputs: list[Tensor | None] = []
+        for j in range(len(self.expand_units)):
             op_gate = self.operator_gate(j)
             if not self.training and op_gate is not None and not op_gate.is_on():
                 outputs.append(None)
                 continue
-            hidden = self.expand_masks[j](self.expand[j](x))
-            outputs.append(self.masks[j](self.depthwise[j](hidden)))
+            hidden = self.expand_masks[j](self.expand_units[j](x))
+            outputs.append(self.masks[j](self.depthwise_units[j](hidden)))
         if all(o is None for o in outputs):
             return x
         live = [o if o is not None else torch.zeros_like(next(p for p in outputs if p is not None)) for o in outputs]
@@ -155,8 +159,8 @@ class Block(nn.Module):
     def latency_layers(self, stream_in: ChannelSource, stream_out: ChannelSource) -> list[LatencyLayer]:
         layers = []
         out_hw = conv_out_size(self.hw, 3, self.stride)
-        for j, (expand, depthwise) in enumerate(zip(self.expand, self.depthwise, strict=True)):
-            own = self.aggregate_source if self.aggregator == "add" else self.branch_gates[j]
+        for j, depthwise in enumerate(self.depthwise_units):
+            own = self.aggregate_source if self.aggregator == "add" else self.branch_gate_list[j]
             assert isinstance(own, ChannelGate | GateGroup)
             op_gate = self.operator_gate(j)
             k = int(depthwise.conv.kernel_size[0])
@@ -200,6 +204,7 @@ class BlocksTower(SearchSpace):
                 blocks.append(Block(f"s{s}b{r}", cin, cout, hw, block_stride, config))
                 hw = conv_out_size(hw, 3, block_stride)
                 cin = cout
+        self.block_list = blocks
         self.blocks = nn.ModuleList(blocks)
         self.classifier = nn.Linear(cin, num_classes)
         # Stage streams: a block without a skip starts a new group of tied channels; blocks with one join it.
@@ -219,7 +224,7 @@ class BlocksTower(SearchSpace):
     def forward(self, x: Tensor) -> Tensor:
         self.refresh_masks()
         x = self.stem_mask(self.stem(x))
-        for block in self.blocks:
+        for block in self.block_list:
             x = block(x)
         return self.classifier(x.mean(dim=(2, 3)))
 
@@ -241,7 +246,7 @@ class BlocksTower(SearchSpace):
                 self.streams[0],
             )
         ]
-        for block, (stream_in, stream_out) in zip(self.blocks, self.block_streams, strict=True):
+        for block, (stream_in, stream_out) in zip(self.block_list, self.block_streams, strict=True):
             layers.extend(block.latency_layers(stream_in, stream_out))
         classifier = Linear(cin=self.classifier.in_features, cout=self.num_classes)
         layers.append(LatencyLayer("classifier", classifier, self.streams[-1], None))
@@ -257,7 +262,7 @@ class BlocksTower(SearchSpace):
             "stem", self.stem, stream_idx, torch.arange(self.in_channels), ~self.stem_gate.alive(threshold)[stream_idx]
         )
         current = "stem"
-        for block, (_, stream_out) in zip(self.blocks, self.block_streams, strict=True):
+        for block, (_, stream_out) in zip(self.block_list, self.block_streams, strict=True):
             out_alive = stream_out.alive(threshold)
             out_idx = kept_indices(out_alive)
             result = _compact_block(block, current, stream_idx, out_idx, threshold, nodes, weights)
@@ -291,10 +296,11 @@ def _compact_block(
 ) -> str | None:
     """Append a block's surviving nodes; ``None`` when the whole block is gone (its skip carries the input)."""
     name = block.block_name
-    live_ops = [j for j in range(len(block.expand)) if (g := block.operator_gate(j)) is None or g.is_on(threshold)]
+    gates = [block.operator_gate(j) for j in range(len(block.expand_units))]
+    live_ops = [j for j, gate in enumerate(gates) if gate is None or gate.is_on(threshold)]
     if not live_ops:
         return None
-    branch_alive = [g.alive(threshold) for g in block.branch_gates]
+    branch_alive = [g.alive(threshold) for g in block.branch_gate_list]
     union = torch.stack([branch_alive[j] for j in live_ops]).any(0)
     branch_names: list[str] = []
     project_columns: list[Tensor] = []
@@ -304,12 +310,12 @@ def _compact_block(
         else:
             keep, zero = kept_indices(branch_alive[j]), None
             project_columns.append(keep + j * block.expanded)
-        k = int(block.depthwise[j].conv.kernel_size[0])
+        k = int(block.depthwise_units[j].conv.kernel_size[0])
         expand_name, dw_name = f"{name}.op{j}.expand", f"{name}.op{j}.dw{k}"
-        nodes.append(conv_node(expand_name, [current], block.expand[j], len(in_idx), len(keep)))
-        weights |= sliced_conv_weights(expand_name, block.expand[j], keep, in_idx, zero)
-        nodes.append(conv_node(dw_name, [expand_name], block.depthwise[j], len(keep), len(keep), depthwise=True))
-        weights |= sliced_conv_weights(dw_name, block.depthwise[j], keep, None, zero)
+        nodes.append(conv_node(expand_name, [current], block.expand_units[j], len(in_idx), len(keep)))
+        weights |= sliced_conv_weights(expand_name, block.expand_units[j], keep, in_idx, zero)
+        nodes.append(conv_node(dw_name, [expand_name], block.depthwise_units[j], len(keep), len(keep), depthwise=True))
+        weights |= sliced_conv_weights(dw_name, block.depthwise_units[j], keep, None, zero)
         branch_names.append(dw_name)
     if len(branch_names) == 1:
         combined = branch_names[0]

@@ -272,7 +272,9 @@ def sliced_conv_weights(
     if unit.bn is not None:
         for key in ("weight", "bias", "running_mean", "running_var"):
             out[f"{prefix}.bn.{key}"] = getattr(unit.bn, key).detach()[out_idx].clone()
-        out[f"{prefix}.bn.num_batches_tracked"] = unit.bn.num_batches_tracked.detach().clone()
+        tracked = unit.bn.num_batches_tracked
+        if tracked is not None:
+            out[f"{prefix}.bn.num_batches_tracked"] = tracked.detach().clone()
     if zero_out is not None and bool(zero_out.any()):
         out[f"{prefix}.conv.weight"][zero_out] = 0
         for key in (f"{prefix}.conv.bias", f"{prefix}.bn.weight", f"{prefix}.bn.bias"):

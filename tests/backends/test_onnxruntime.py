@@ -89,3 +89,11 @@ def test_every_optimization_level_runs(level: str) -> None:
     runnable = OnnxRuntimeBackend(optimization_level=level).prepare_op(Conv2d(cin=8, cout=8, hw=6, act="silu"))
     assert runnable.time_once() > 0
     runnable.close()
+
+
+def test_two_intra_op_threads_measure_at_normal_priority() -> None:
+    runnable = OnnxRuntimeBackend(intra_op_threads=2).prepare_op(Conv2d(cin=32, cout=32, hw=28, k=3))
+    assert isinstance(runnable, OnnxRuntimeRunnable) and runnable.threads == 2
+    stats = measure(runnable, FAST)
+    assert stats.median_ms > 0 and stats.n >= FAST.min_runs
+    runnable.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,11 +15,25 @@ from latency_service import store
 from latency_service.backends import Backend
 from latency_service.config import Settings
 from latency_service.db import make_engine, make_session_factory, migrate, transaction
-from latency_service.jobs import JobWorker, MeasuringSession, configured_backend, run_job, run_job_inline
+from latency_service.jobs import (
+    MEASUREMENT_LOCK,
+    JobWorker,
+    MeasuringSession,
+    configured_backend,
+    job_abandoned,
+    new_worker_id,
+    run_job,
+    run_job_inline,
+)
 from latency_service.models import Measurement
-from predictors.ops import Conv2d, OpSpec, Relu
+from predictors.ops import Conv2d, OpSpec, op_from_dict
 
 DEVICE = "test-device"
+
+
+def relu(c: int, hw: int) -> OpSpec:
+    # The activation classes are generated at import time, so type checkers cannot see their fields.
+    return op_from_dict({"op": "relu", "c": c, "hw": hw})
 
 
 @pytest.fixture
@@ -49,7 +64,7 @@ def measurements(factory: sessionmaker[Session]) -> list[Measurement]:
         return list(session.scalars(select(Measurement).order_by(Measurement.id)))
 
 
-OPS: list[OpSpec] = [Conv2d(cin=4, cout=8, hw=8), Relu(c=8, hw=8), Conv2d(cin=8, cout=4, hw=8, k=1)]
+OPS: list[OpSpec] = [Conv2d(cin=4, cout=8, hw=8), relu(8, 8), Conv2d(cin=8, cout=4, hw=8, k=1)]
 
 
 def test_inline_job_measures_each_variant_once_and_skips_measured(
@@ -121,7 +136,7 @@ def test_failed_variants_are_counted_and_the_job_goes_on(settings: Settings, fac
     with transaction(factory) as session:
         assert "relu kernels are broken" in (store.first_item_error(session=session, job_id=job.id) or "")
     only_relu = run_job_inline(
-        job_id=make_job(factory, [Relu(c=3, hw=3)]),
+        job_id=make_job(factory, [relu(3, 3)]),
         device_id=DEVICE,
         session_factory=factory,
         measuring=measuring,
@@ -133,8 +148,9 @@ def test_failed_variants_are_counted_and_the_job_goes_on(settings: Settings, fac
 def test_stopped_job_resumes_without_remeasuring(settings: Settings, factory: sessionmaker[Session]) -> None:
     measuring = MeasuringSession(settings)
     job_id = make_job(factory, OPS)
+    crashed = f"{socket.gethostname()}:999999999:dead"  # a runner process that no longer exists
     with transaction(factory) as session:
-        store.claim_next_job(session=session, device_id=DEVICE)
+        store.claim_next_job(session=session, device_id=DEVICE, worker_id=crashed, is_abandoned=job_abandoned)
     stop_after_first = iter([False, True])
     job = run_job(
         job_id=job_id,
@@ -163,7 +179,7 @@ def test_cancel_stops_before_the_next_variant(settings: Settings, factory: sessi
     measuring = MeasuringSession(settings)
     job_id = make_job(factory, [Conv2d(cin=4, cout=c, hw=8) for c in range(1, 40)])
     with transaction(factory) as session:
-        store.claim_next_job(session=session, device_id=DEVICE)
+        store.claim_next_job(session=session, device_id=DEVICE, worker_id="test", is_abandoned=job_abandoned)
 
     def cancel_after_two(job: object) -> None:
         if getattr(job, "done", 0) == 2:
@@ -206,3 +222,37 @@ def test_job_fails_with_the_reason_when_the_backend_is_missing(fast_env: dict[st
         worker.stop()
         engine.dispose()
     assert job.status == "failed" and "libnvinfer" in (job.error or "")
+
+
+def test_job_abandoned_follows_the_runner_process(settings: Settings, factory: sessionmaker[Session]) -> None:
+    with transaction(factory) as session:
+        mine = store.create_job(session=session, device_id=DEVICE, ops=OPS[:1], claimed_by=new_worker_id())
+        assert not job_abandoned(mine)  # this very process, alive, fresh heartbeat
+        host, _, _ = mine.claimed_by.partition(":") if mine.claimed_by else ("", "", "")
+        dead = store.create_job(session=session, device_id=DEVICE, ops=OPS[:1], claimed_by=f"{host}:999999999:abcd")
+        assert job_abandoned(dead)
+        remote = store.create_job(session=session, device_id=DEVICE, ops=OPS[:1], claimed_by="elsewhere:1:abcd")
+        assert not job_abandoned(remote)
+        assert job_abandoned(remote, lease_s=-1)  # a remote runner is judged by its heartbeat alone
+
+
+def test_measurement_lock_excludes_other_processes(settings: Settings, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    lock_path = tmp_path / "measure.lock"
+    MEASUREMENT_LOCK.configure(str(lock_path))
+    holder = (
+        "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+        "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(1.0)"
+    )
+    process = subprocess.Popen([sys.executable, "-c", holder, str(lock_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None and process.stdout.readline().strip() == "held"
+        start = time.monotonic()
+        with MEASUREMENT_LOCK:
+            waited = time.monotonic() - start
+    finally:
+        process.wait(10)
+        MEASUREMENT_LOCK.configure(settings.measure_lock_path)
+    assert waited > 0.5, "the lock did not wait for the other process"

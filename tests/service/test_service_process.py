@@ -3,6 +3,7 @@ one measurement at a time, token and body cap on the wire."""
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -99,7 +100,7 @@ def test_concurrent_jobs_never_overlap_in_time(service_factory: ServiceFactory, 
             assert wait_for_job(client, job_id)["status"] == "done"
     rows = stored_measurements(sqlite_url)
     assert len(rows) == 24
-    for earlier, later in zip(rows, rows[1:], strict=False):
+    for earlier, later in itertools.pairwise(rows):
         assert earlier.started_at is not None and later.started_at is not None
         assert later.started_at >= earlier.measured_at, "two measurements overlapped"
 

@@ -12,8 +12,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from latency_service import store
 from latency_service.db import make_engine, make_session_factory, migrate, transaction
 from latency_service.measurement import MeasurementStats
-from latency_service.models import Base, Job, JobItem, Variant
-from predictors.ops import Conv2d, Linear, Relu
+from latency_service.models import Base, Job, JobItem, Measurement, Variant
+from predictors.ops import Conv2d, Linear, OpSpec, op_from_dict
+
+
+def relu(c: int, hw: int) -> OpSpec:
+    # The activation classes are generated at import time, so type checkers cannot see their fields.
+    return op_from_dict({"op": "relu", "c": c, "hw": hw})
 
 
 def stats(median_ms: float) -> MeasurementStats:
@@ -68,16 +73,16 @@ def test_sqlite_runs_in_wal_mode(sqlite_url: str) -> None:
     try:
         with engine.connect() as connection:
             assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
-            assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 1000
+            assert (connection.exec_driver_sql("PRAGMA busy_timeout").scalar() or 0) >= 1000
     finally:
         engine.dispose()
 
 
 def test_measurement_history_is_kept_and_latest_valid_wins(factory: sessionmaker[Session]) -> None:
-    conv, relu = Conv2d(cin=8, cout=8, hw=8), Relu(c=8, hw=8)
+    conv, small_relu = Conv2d(cin=8, cout=8, hw=8), relu(8, 8)
     with transaction(factory) as session:
-        keys = store.get_or_create_variants(session=session, ops=[conv, relu, conv])
-        assert keys == [conv.key, relu.key]
+        keys = store.get_or_create_variants(session=session, ops=[conv, small_relu, conv])
+        assert keys == [conv.key, small_relu.key]
         store.add_measurement(
             session=session, device_id="dev-a", variant_key=conv.key, stats=stats(1.0), environment={}
         )
@@ -85,18 +90,19 @@ def test_measurement_history_is_kept_and_latest_valid_wins(factory: sessionmaker
             session=session, device_id="dev-a", variant_key=conv.key, stats=stats(2.0), environment={}
         )
         store.add_measurement(
-            session=session, device_id="dev-a", variant_key=relu.key, stats=stats(0.5), environment={}
+            session=session, device_id="dev-a", variant_key=small_relu.key, stats=stats(0.5), environment={}
         )
     with transaction(factory) as session:
         items, total = store.latest_measurements(session=session, device_id="dev-a")
         assert total == 2
-        assert {item.op.key: item.measurement.median_ms for item in items} == {conv.key: 2.0, relu.key: 0.5}
+        assert {item.op.key: item.measurement.median_ms for item in items} == {conv.key: 2.0, small_relu.key: 0.5}
         convs, conv_total = store.latest_measurements(session=session, device_id="dev-a", kind="conv2d")
         assert conv_total == 1 and convs[0].op == conv
         page, _ = store.latest_measurements(session=session, device_id="dev-a", limit=1, offset=1)
         assert len(page) == 1
-        assert store.count_measurements(session=session, device_id="dev-a", variant_key=conv.key) == 2
-        assert store.invalidate_measurements(session=session, device_id="dev-a", variant_keys=[relu.key]) == 1
+        history = select(func.count()).where(Measurement.device_id == "dev-a", Measurement.variant_key == conv.key)
+        assert session.scalar(history) == 2
+        assert store.invalidate_measurements(session=session, device_id="dev-a", variant_keys=[small_relu.key]) == 1
     with transaction(factory) as session:
         assert store.measured_keys(session=session, device_id="dev-a") == {conv.key}
         assert store.measured_keys(session=session, device_id="dev-b") == set()
@@ -119,7 +125,7 @@ def test_training_samples_per_device_and_per_class(factory: sessionmaker[Session
 
 
 def test_create_job_dedupes_and_orders_items(factory: sessionmaker[Session]) -> None:
-    ops = [Conv2d(cin=8, cout=8, hw=8), Relu(c=8, hw=8), Conv2d(cin=8, cout=8, hw=8), Linear(cin=4, cout=4)]
+    ops = [Conv2d(cin=8, cout=8, hw=8), relu(8, 8), Conv2d(cin=8, cout=8, hw=8), Linear(cin=4, cout=4)]
     with transaction(factory) as session:
         job = store.create_job(session=session, device_id="dev-a", ops=ops, preset=None)
         job_id = job.id
@@ -138,7 +144,7 @@ def test_create_job_is_all_or_nothing(factory: sessionmaker[Session]) -> None:
         store.create_job(session=session, device_id="dev-a", ops=[Conv2d(cin=8, cout=8, hw=8)])
         raise ValueError("the request failed after the job was written")
     with pytest.raises(Exception), transaction(factory) as session:  # noqa: B017 - any database error
-        store.create_job(session=session, device_id="no-such-device", ops=[Relu(c=8, hw=8)])
+        store.create_job(session=session, device_id="no-such-device", ops=[relu(8, 8)])
     with transaction(factory) as session:
         assert count(session, Job) == 0
         assert count(session, JobItem) == 0
@@ -146,14 +152,14 @@ def test_create_job_is_all_or_nothing(factory: sessionmaker[Session]) -> None:
 
 
 def test_claim_mark_finish_and_resume_order(factory: sessionmaker[Session]) -> None:
-    ops = [Conv2d(cin=8, cout=8, hw=8), Relu(c=8, hw=8)]
+    ops = [Conv2d(cin=8, cout=8, hw=8), relu(8, 8)]
     with transaction(factory) as session:
         first = store.create_job(session=session, device_id="dev-a", ops=ops).id
         second = store.create_job(session=session, device_id="dev-a", ops=ops).id
         store.create_job(session=session, device_id="dev-b", ops=ops)
     with transaction(factory) as session:
-        job = store.claim_next_job(session=session, device_id="dev-a")
-        assert job is not None and job.id == first and job.status == "running"
+        job = store.claim_next_job(session=session, device_id="dev-a", worker_id="w1", is_abandoned=lambda job: False)
+        assert job is not None and job.id == first and job.status == "running" and job.claimed_by == "w1"
         job = store.mark_item(session=session, job_id=first, position=0, status="done")
         assert (job.done, job.failed) == (1, 0)
         # Marking an item twice (a retried commit) does not count it twice.
@@ -212,3 +218,22 @@ def test_model_measurements(factory: sessionmaker[Session]) -> None:
         assert latest is not None and latest.median_ms == 1.5 and latest.model_name == "m.onnx"
         rows, total = store.list_model_measurements(session=session, device_id="dev-a")
         assert total == 2 and [r.median_ms for r in rows] == [1.5, 1.0]
+
+
+def test_a_running_job_is_taken_over_only_when_its_runner_is_gone(factory: sessionmaker[Session]) -> None:
+    with transaction(factory) as session:
+        live = store.create_job(session=session, device_id="dev-a", ops=[relu(4, 4)], claimed_by="cli").id
+        queued = store.create_job(session=session, device_id="dev-a", ops=[relu(4, 4)]).id
+    with transaction(factory) as session:
+        # The CLI's job is running and its runner alive: the worker takes the queued one.
+        job = store.claim_next_job(session=session, device_id="dev-a", worker_id="w", is_abandoned=lambda job: False)
+        assert job is not None and job.id == queued
+    with transaction(factory) as session:
+        store.finish_job(session=session, job_id=queued, status="done")
+    with transaction(factory) as session:
+        assert (
+            store.claim_next_job(session=session, device_id="dev-a", worker_id="w", is_abandoned=lambda j: False)
+            is None
+        )
+        job = store.claim_next_job(session=session, device_id="dev-a", worker_id="w", is_abandoned=lambda j: True)
+        assert job is not None and job.id == live and job.claimed_by == "w"

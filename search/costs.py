@@ -1,0 +1,398 @@
+"""Expected costs of a gated space (parameters, FLOPs, latency per device) and the penalties that enforce targets.
+
+All expectations are over the current gate distribution and differentiable in the gates' log-odds:
+
+* parameters and FLOPs are bilinear in (C_in, C_out), so E[a·C_in·C_out + b·C_out] = a·E[C_in]·E[C_out] + b·E[C_out]
+  is exact for independent input and output gates;
+* latency is a table lookup T[C_in, C_out] per layer; ``mode="exact"`` sums Σₐ Σ_b P(a) P(b) T[a, b] with the
+  Poisson-binomial count distributions, ``mode="plugin"`` evaluates T(E[C_in], E[C_out]) (biased, for comparison).
+
+One evaluation computes every layer's count distribution once, batched by width, and all devices' expectations in
+one contraction, so the cost terms stay a small fraction of a training step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from search.expected import poisson_binomial_pmf
+from search.gates import AnyOf, ChannelGate, ChannelSource, GateConcat, GateGroup, OperatorGate, OperatorGated
+from search.spaces.base import LatencyLayer, SearchSpace
+
+Mode = Literal["exact", "plugin"]
+
+
+@dataclass
+class CostValues:
+    """One evaluation of every expected cost (scalars, differentiable)."""
+
+    params: Tensor
+    flops: Tensor
+    latency_ms: dict[str, Tensor] = field(default_factory=dict)
+
+    def as_floats(self) -> dict[str, float]:
+        out = {"params": float(self.params), "flops": float(self.flops)}
+        out |= {f"latency_ms/{device}": float(v) for device, v in self.latency_ms.items()}
+        return out
+
+
+def _atoms(source: ChannelSource, found: dict[int, ChannelSource]) -> None:
+    """Sources whose count is a plain Poisson binomial of their keep probabilities."""
+    if isinstance(source, OperatorGated):
+        _atoms(source.inner, found)
+    elif isinstance(source, GateConcat):
+        for part in source.parts:
+            _atoms(part, found)
+    else:
+        found.setdefault(id(source), source)
+
+
+def _gates_of(source: object, found: dict[int, ChannelGate | OperatorGate]) -> None:
+    if isinstance(source, ChannelGate | OperatorGate):
+        found.setdefault(id(source), source)
+    elif isinstance(source, GateGroup):
+        for member in source.members:
+            _gates_of(member, found)
+    elif isinstance(source, OperatorGated):
+        _gates_of(source.inner, found)
+        _gates_of(source.operator_gate, found)
+    elif isinstance(source, GateConcat):
+        for part in source.parts:
+            _gates_of(part, found)
+    elif isinstance(source, AnyOf):
+        for gate in source.gates:
+            _gates_of(gate, found)
+
+
+class CostModel:
+    """Expected costs of a space's latency layers (or of an explicit list of them).
+
+    ``latency_tables[device][i]`` is the dense table of layer ``i`` over live counts, shape ``layer.table_shape``
+    (build it from a service grid with :meth:`LatencyLayer.dense_table`).  :meth:`evaluate` is memoised for the
+    current step (same gate values, same sampled masks), so asking for latency, FLOPs and parameters separately
+    costs one evaluation.
+    """
+
+    def __init__(
+        self,
+        layers: SearchSpace | Sequence[LatencyLayer],
+        latency_tables: Mapping[str, Sequence[Tensor]] | None = None,
+        *,
+        mode: Mode = "exact",
+    ) -> None:
+        if mode not in ("exact", "plugin"):
+            raise ValueError(f"mode: must be 'exact' or 'plugin', got {mode!r}")
+        if isinstance(layers, SearchSpace):
+            layers = layers.latency_layers()
+        if not layers:
+            raise ValueError("layers: a cost model needs at least one layer")
+        self.layers = list(layers)
+        self.mode: Mode = mode
+        self.devices = list(latency_tables or {})
+        rows = max(layer.table_shape[0] for layer in self.layers)
+        cols = max(layer.table_shape[1] for layer in self.layers)
+        self._tables = torch.zeros(len(self.devices), len(self.layers), rows, cols)
+        for d, device in enumerate(self.devices):
+            tables = list((latency_tables or {})[device])
+            if len(tables) != len(self.layers):
+                raise ValueError(f"latency_tables[{device!r}]: {len(tables)} tables for {len(self.layers)} layers")
+            for i, (layer, table) in enumerate(zip(self.layers, tables, strict=True)):
+                dense = torch.as_tensor(table, dtype=torch.float32)
+                if dense.dim() == 1:
+                    dense = dense.unsqueeze(0)
+                if tuple(dense.shape) != layer.table_shape:
+                    raise ValueError(
+                        f"latency_tables[{device!r}][{i}] ({layer.name}): shape {tuple(dense.shape)}, "
+                        f"expected {layer.table_shape}"
+                    )
+                if not bool(torch.isfinite(dense).all()) or bool((dense < 0).any()):
+                    raise ValueError(f"latency_tables[{device!r}][{i}] ({layer.name}): needs finite values ≥ 0")
+                self._tables[d, i, : dense.shape[0], : dense.shape[1]] = dense
+        found: dict[int, ChannelSource] = {}
+        for layer in self.layers:
+            for source in (layer.cin_source if layer.input_gated else None, layer.cout_source):
+                if source is not None:
+                    _atoms(source, found)
+        self._atoms = list(found.values())
+        gates: dict[int, ChannelGate | OperatorGate] = {}
+        for layer in self.layers:
+            for source in (layer.cin_source, layer.cout_source, layer.operator_gate):
+                _gates_of(source, gates)
+        self._gates = list(gates.values())
+        self._memo: tuple[tuple[object, ...], CostValues] | None = None
+        coefficients = torch.tensor([layer.cost_coefficients() for layer in self.layers], dtype=torch.float32)
+        self._flops_a, self._flops_b, self._params_a, self._params_b = coefficients.unbind(1)
+        self._full_cin = torch.tensor([float(layer.cin) for layer in self.layers])
+        self._full_cout = torch.tensor([float(layer.cout) for layer in self.layers])
+        self._count_rows = torch.arange(rows, dtype=torch.float32)
+        self._count_cols = torch.arange(cols, dtype=torch.float32)
+
+    @classmethod
+    def from_space(
+        cls, space: SearchSpace, latency_tables: Mapping[str, Sequence[Tensor]] | None = None, *, mode: Mode = "exact"
+    ) -> CostModel:
+        return cls(space.latency_layers(), latency_tables, mode=mode)
+
+    # ---- count distributions ------------------------------------------------------------------------------------
+    def _atom_pmfs(self) -> dict[int, Tensor]:
+        """Poisson-binomial pmfs of every atom, one batched call per power-of-two width."""
+        buckets: dict[int, list[ChannelSource]] = {}
+        for atom in self._atoms:
+            buckets.setdefault(1 << max(atom.n - 1, 0).bit_length(), []).append(atom)
+        cache: dict[int, Tensor] = {}
+        for width, atoms in buckets.items():
+            probs = torch.stack([nn.functional.pad(a.keep_probability(), (0, width - a.n)) for a in atoms])
+            pmfs = poisson_binomial_pmf(probs)
+            for atom, pmf in zip(atoms, pmfs, strict=True):
+                cache[id(atom)] = pmf[: atom.n + 1]
+        return cache
+
+    def _axis(self, sources: list[ChannelSource | None], size: int, cache: dict[int, Tensor]) -> Tensor:
+        rows = []
+        for source in sources:
+            if source is None:
+                rows.append(nn.functional.pad(torch.ones(1), (0, size - 1)))
+            else:
+                pmf = source.count_pmf(cache)
+                rows.append(nn.functional.pad(pmf, (0, size - pmf.numel())))
+        return torch.stack(rows)
+
+    def _operator_probabilities(self) -> Tensor:
+        return torch.stack(
+            [
+                layer.operator_gate.probability() if layer.operator_gate is not None else torch.ones(())
+                for layer in self.layers
+            ]
+        )
+
+    # ---- expectations ---------------------------------------------------------------------------------------------
+    def _step_key(self) -> tuple[object, ...]:
+        return (
+            torch.is_grad_enabled(),
+            *((g.log_odds._version, g.refresh_count) for g in self._gates),
+        )
+
+    def evaluate(self) -> CostValues:
+        """Every expected cost in one pass; repeated calls within a step return the same (shared-graph) values."""
+        key = self._step_key()
+        if self._memo is not None and self._memo[0] == key:
+            return self._memo[1]
+        values = self._evaluate()
+        self._memo = (key, values)
+        return values
+
+    def _evaluate(self) -> CostValues:
+        op_prob = self._operator_probabilities()
+        in_sources = [layer.cin_source if layer.input_gated else None for layer in self.layers]
+        out_sources = [layer.cout_source for layer in self.layers]
+        pmf_in = pmf_out = None
+        if self.mode == "exact":
+            cache = self._atom_pmfs()
+            pmf_in = self._axis(in_sources, self._tables.shape[2], cache)
+            pmf_out = self._axis(out_sources, self._tables.shape[3], cache)
+            fixed_in = torch.tensor([s is None for s in in_sources])
+            fixed_out = torch.tensor([s is None for s in out_sources])
+            count_in = torch.where(fixed_in, self._full_cin, pmf_in @ self._count_rows)
+            count_out = torch.where(fixed_out, self._full_cout, pmf_out @ self._count_cols)
+        else:
+            count_in = self._expected_counts(in_sources, self._full_cin)
+            count_out = self._expected_counts(out_sources, self._full_cout)
+        flops = (op_prob * (self._flops_a * count_in * count_out + self._flops_b * count_out)).sum()
+        params = (op_prob * (self._params_a * count_in * count_out + self._params_b * count_out)).sum()
+        latency: dict[str, Tensor] = {}
+        if self.devices:
+            if pmf_in is not None and pmf_out is not None:
+                per_layer = torch.einsum("lr,dlrc,lc->dl", pmf_in, self._tables, pmf_out)
+            else:
+                per_layer = self._plugin(count_in, count_out, in_sources, out_sources)
+            totals = (per_layer * op_prob).sum(1)
+            latency = {device: totals[d] for d, device in enumerate(self.devices)}
+        return CostValues(params=params, flops=flops, latency_ms=latency)
+
+    @staticmethod
+    def _expected_counts(sources: list[ChannelSource | None], full: Tensor) -> Tensor:
+        return torch.stack([s.expected_count() if s is not None else full[i] for i, s in enumerate(sources)])
+
+    def _plugin(
+        self,
+        count_in: Tensor,
+        count_out: Tensor,
+        in_sources: list[ChannelSource | None],
+        out_sources: list[ChannelSource | None],
+    ) -> Tensor:
+        """T(E[C_in], E[C_out]) per device and layer, bilinear between integer counts."""
+        fixed_in = torch.tensor([s is None for s in in_sources])
+        fixed_out = torch.tensor([s is None for s in out_sources])
+        row = torch.where(fixed_in, torch.zeros_like(count_in), count_in)
+        col = torch.where(fixed_out, torch.zeros_like(count_out), count_out)
+        r0 = row.detach().floor().long().clamp(0, self._tables.shape[2] - 1)
+        c0 = col.detach().floor().long().clamp(0, self._tables.shape[3] - 1)
+        r1 = (r0 + 1).clamp(max=self._tables.shape[2] - 1)
+        c1 = (c0 + 1).clamp(max=self._tables.shape[3] - 1)
+        fr, fc = row - r0, col - c0
+        layer_index = torch.arange(len(self.layers))
+        t = self._tables[:, layer_index]
+
+        def at(r: Tensor, c: Tensor) -> Tensor:
+            return t[:, layer_index, r, c]
+
+        top = at(r0, c0) * (1 - fc) + at(r0, c1) * fc
+        bottom = at(r1, c0) * (1 - fc) + at(r1, c1) * fc
+        return top * (1 - fr) + bottom * fr
+
+    def expected_params(self) -> Tensor:
+        return self.evaluate().params
+
+    def expected_flops(self) -> Tensor:
+        return self.evaluate().flops
+
+    def expected_latency_ms(self, device: str) -> Tensor:
+        if device not in self.devices:
+            raise KeyError(f"device: no latency tables for {device!r}; have {', '.join(self.devices) or 'none'}")
+        return self.evaluate().latency_ms[device]
+
+    def layer_latency_ms(self, device: str) -> Tensor:
+        """Per-layer expected latency (detached), for reports."""
+        d = self.devices.index(device)
+        cache = self._atom_pmfs()
+        in_sources = [layer.cin_source if layer.input_gated else None for layer in self.layers]
+        pmf_in = self._axis(in_sources, self._tables.shape[2], cache)
+        pmf_out = self._axis([layer.cout_source for layer in self.layers], self._tables.shape[3], cache)
+        values = torch.einsum("lr,lrc,lc->l", pmf_in, self._tables[d], pmf_out)
+        return (values * self._operator_probabilities()).detach()
+
+    def full_costs(self) -> dict[str, float]:
+        """Costs with every gate on: the scale for relative targets and FiGS's strength ≈ 1 / initial cost."""
+        flops = (self._flops_a * self._full_cin * self._full_cout + self._flops_b * self._full_cout).sum()
+        params = (self._params_a * self._full_cin * self._full_cout + self._params_b * self._full_cout).sum()
+        out = {"params": float(params), "flops": float(flops)}
+        for d, device in enumerate(self.devices):
+            last = [self._tables[d, i, shape[0] - 1, shape[1] - 1] for i, shape in enumerate(self._shapes())]
+            out[f"latency_ms/{device}"] = float(torch.stack(last).sum())
+        return out
+
+    def _shapes(self) -> list[tuple[int, int]]:
+        return [layer.table_shape for layer in self.layers]
+
+
+# ---- penalties --------------------------------------------------------------------------------------------------
+def hinge(value: Tensor, target: float) -> Tensor:
+    """relu(value / target − 1): zero inside the budget, relative overshoot outside (unit-free, so terms add)."""
+    if not target > 0:
+        raise ValueError(f"target: must be positive, got {target}")
+    return torch.relu(value / target - 1)
+
+
+def log_hinge(value: Tensor, target: float) -> Tensor:
+    """relu(log(value / target)): symmetric in ratio, so 2× over weighs like 2× under would."""
+    if not target > 0:
+        raise ValueError(f"target: must be positive, got {target}")
+    return torch.relu(torch.log(value.clamp_min(1e-12) / target))
+
+
+class LagrangianPenalty(nn.Module):
+    """λ·(value / target − 1) with λ ≥ 0 raised by gradient ascent while the constraint is violated.
+
+    The target is fixed at construction or passed with each call (the call's wins).
+    """
+
+    multiplier: Tensor
+
+    def __init__(self, target: float | None = None, *, lr: float = 0.05, initial: float = 0.0) -> None:
+        super().__init__()
+        if target is not None and not target > 0:
+            raise ValueError(f"target: must be positive, got {target}")
+        if lr <= 0:
+            raise ValueError(f"lr: must be positive, got {lr}")
+        self.target = None if target is None else float(target)
+        self.lr = float(lr)
+        self.register_buffer("multiplier", torch.tensor(max(0.0, float(initial))))
+
+    def violation(self, value: Tensor, target: float | None = None) -> Tensor:
+        goal = target if target is not None else self.target
+        if goal is None or not goal > 0:
+            raise ValueError(f"target: must be a positive number, got {goal}")
+        return value / goal - 1
+
+    def forward(self, value: Tensor, target: float | None = None) -> Tensor:
+        return self.multiplier.detach() * self.violation(value, target)
+
+    @torch.no_grad()
+    def update(self, value: Tensor, target: float | None = None) -> float:
+        """One dual ascent step; returns the new λ."""
+        self.multiplier.add_(self.lr * self.violation(value.detach(), target)).clamp_(min=0.0)
+        return float(self.multiplier)
+
+
+@dataclass
+class CostTargets:
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    flops: float | None = None
+    params: float | None = None
+
+    def items(self, values: CostValues) -> list[tuple[str, Tensor, float]]:
+        out = [(f"latency_ms/{d}", values.latency_ms[d], t) for d, t in self.latency_ms.items()]
+        if self.flops is not None:
+            out.append(("flops", values.flops, self.flops))
+        if self.params is not None:
+            out.append(("params", values.params, self.params))
+        for name, _, target in out:
+            if not (target > 0 and math.isfinite(target)):
+                raise ValueError(f"{name}: target must be a positive number, got {target}")
+        return out
+
+
+def total_penalty(
+    values: CostValues,
+    targets: CostTargets,
+    *,
+    strength: float = 1.0,
+    kind: Literal["hinge", "log_hinge", "lagrangian"] = "hinge",
+    lagrangians: dict[str, LagrangianPenalty] | None = None,
+) -> dict[str, Tensor]:
+    """Named penalty terms plus their sum under ``"total"``; every term is relative to its target.
+
+    For ``kind="lagrangian"`` pass the multipliers (one per term name, e.g. from :func:`make_lagrangians`) and call
+    their ``update`` after each step.
+    """
+    terms: dict[str, Tensor] = {}
+    for name, value, target in targets.items(values):
+        if kind == "hinge":
+            terms[name] = strength * hinge(value, target)
+        elif kind == "log_hinge":
+            terms[name] = strength * log_hinge(value, target)
+        elif kind == "lagrangian":
+            if lagrangians is None or name not in lagrangians:
+                raise ValueError(f"lagrangians: missing a multiplier for {name!r}")
+            terms[name] = lagrangians[name](value)
+        else:
+            raise ValueError(f"kind: must be hinge, log_hinge or lagrangian, got {kind!r}")
+    terms["total"] = torch.stack(list(terms.values())).sum() if terms else values.flops.new_zeros(())
+    return terms
+
+
+def make_lagrangians(targets: CostTargets, *, lr: float = 0.05) -> dict[str, LagrangianPenalty]:
+    out = {f"latency_ms/{d}": LagrangianPenalty(t, lr=lr) for d, t in targets.latency_ms.items()}
+    if targets.flops is not None:
+        out["flops"] = LagrangianPenalty(targets.flops, lr=lr)
+    if targets.params is not None:
+        out["params"] = LagrangianPenalty(targets.params, lr=lr)
+    return out
+
+
+__all__ = [
+    "CostModel",
+    "CostTargets",
+    "CostValues",
+    "LagrangianPenalty",
+    "hinge",
+    "log_hinge",
+    "make_lagrangians",
+    "total_penalty",
+]
