@@ -39,7 +39,7 @@ from search.export import LatencyCalibration, calibrate_device, evaluate, onnx_b
 from search.gates import GateConfig
 from search.service_client import DeviceService, dense_tables, table_layers
 from search.spaces.base import SearchSpace, create_space
-from search.trainer import SearchConfig, expected_costs, finetune, run_search, train_plain
+from search.trainer import SearchConfig, finetune, run_search, train_plain
 
 MULTIPLIERS = (0.25, 0.5, 0.75, 1.0)
 TARGET_FRACTIONS = (0.3, 0.55, 0.8)  # of the way from the narrowest to the full uniform model's measured latency
@@ -92,6 +92,11 @@ def local_service() -> Iterator[str]:
             log.close()
 
 
+@contextmanager
+def given_service(url: str) -> Iterator[str]:
+    yield url
+
+
 def space_profile_ops(space: SearchSpace, fractions: tuple[float, ...]) -> list[OpSpec]:
     """The space's own layers at a few widths: the tables then interpolate between measured neighbours."""
     ops: dict[str, OpSpec] = {}
@@ -127,7 +132,9 @@ def search_once(
     expectation: str,
 ) -> dict[str, Any]:
     torch.manual_seed(seed)
-    space = create_space("blocks", in_channels=bundle.in_channels, num_classes=bundle.num_classes, image_size=bundle.image_size)
+    space = create_space(
+        "blocks", in_channels=bundle.in_channels, num_classes=bundle.num_classes, image_size=bundle.image_size
+    )
     config = SearchConfig(
         steps=mode.search_steps,
         target_latency_ms={"cpu": calibration.to_table(target_ms)},
@@ -161,14 +168,21 @@ def search_once(
     }
 
 
-def baseline_once(bundle: DataBundle, service: DeviceService, multiplier: float, seed: int, steps: int) -> dict[str, Any]:
+def baseline_once(
+    bundle: DataBundle, service: DeviceService, multiplier: float, seed: int, steps: int
+) -> dict[str, Any]:
     """The uniform-width model trained for as many steps as search plus fine-tune took."""
     torch.manual_seed(seed)
     model, _ = uniform_space(bundle, multiplier).compact()
     train_plain(model, bundle, steps, seed=seed)
     measured = service.measure_model(onnx_bytes(model, bundle.in_channels, bundle.image_size)).median_ms
     assert bundle.test is not None
-    return {"multiplier": multiplier, "seed": seed, "measured_ms": measured, "accuracy": evaluate(model, bundle.test).accuracy}
+    return {
+        "multiplier": multiplier,
+        "seed": seed,
+        "measured_ms": measured,
+        "accuracy": evaluate(model, bundle.test).accuracy,
+    }
 
 
 def multiplier_for(calibration: LatencyCalibration, target_ms: float) -> float:
@@ -179,8 +193,10 @@ def multiplier_for(calibration: LatencyCalibration, target_ms: float) -> float:
 
 def step_overhead(bundle: DataBundle, tables: list[torch.Tensor], steps: int) -> dict[str, float]:
     """Median step time with and without the cost terms (forward and backward) on the same supernet."""
-    space = create_space("blocks", in_channels=bundle.in_channels, num_classes=bundle.num_classes, image_size=bundle.image_size)
-    cost_model = CostModel(space, {"cpu": tables}, mode="exact")
+    space = create_space(
+        "blocks", in_channels=bundle.in_channels, num_classes=bundle.num_classes, image_size=bundle.image_size
+    )
+    cost_model = CostModel.from_space(space, {"cpu": tables}, mode="exact")
     optimiser = torch.optim.Adam(space.parameters(), lr=1e-3)
     loader = torch.utils.data.DataLoader(bundle.train, batch_size=64, shuffle=True, drop_last=True)
     batches = [b for b, _ in zip(loader, range(steps), strict=False)]
@@ -191,8 +207,8 @@ def step_overhead(bundle: DataBundle, tables: list[torch.Tensor], steps: int) ->
         started = time.perf_counter()
         loss = torch.nn.functional.cross_entropy(space(inputs), labels)
         if with_costs:
-            costs = expected_costs(cost_model, ["cpu"])
-            loss = loss + sum(costs.values()) * 1e-6
+            values = cost_model.evaluate()
+            loss = loss + values.latency_ms["cpu"] + values.flops * 1e-9 + values.params * 1e-6
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
@@ -218,12 +234,15 @@ def plain_training_seconds(bundle: DataBundle, steps: int) -> float:
 
 def bench_dataset(name: str, service: DeviceService, mode: Mode) -> dict[str, Any]:
     bundle = load_dataset(name)
-    supernet = create_space("blocks", in_channels=bundle.in_channels, num_classes=bundle.num_classes, image_size=bundle.image_size)
+    supernet = create_space(
+        "blocks", in_channels=bundle.in_channels, num_classes=bundle.num_classes, image_size=bundle.image_size
+    )
     layers = supernet.latency_layers()
     tables = dense_tables(layers, service.latency_tables(table_layers(layers, 4)))
     uniform = [uniform_space(bundle, m) for m in MULTIPLIERS]
     calibration = calibrate_device(service, uniform, in_channels=bundle.in_channels, image_size=bundle.image_size)
-    print(f"[{name}] calibration: measured = {calibration.offset_ms:.4f} + {calibration.scale:.4f} · table  points={calibration.points}")
+    points = ", ".join(f"({t:.4f}, {m:.4f})" for t, m in calibration.points)
+    print(f"[{name}] calibration: measured = {calibration.offset_ms:.4f} + {calibration.scale:.4f} · table; {points}")
     low, high = calibration.points[0][1], calibration.points[-1][1]
     targets = [low + f * (high - low) for f in TARGET_FRACTIONS]
     runs: list[dict[str, Any]] = []
@@ -256,8 +275,8 @@ def bench_dataset(name: str, service: DeviceService, mode: Mode) -> dict[str, An
 
 def exact_vs_plugin_gap(space: SearchSpace, tables: list[torch.Tensor], draws: int = 20) -> dict[str, float]:
     """Relative gap between plug-in and exact expected latency over random gate states of the supernet."""
-    exact = CostModel(space, {"cpu": tables}, mode="exact")
-    plugin = CostModel(space, {"cpu": tables}, mode="plugin")
+    exact = CostModel.from_space(space, {"cpu": tables}, mode="exact")
+    plugin = CostModel.from_space(space, {"cpu": tables}, mode="plugin")
     generator = torch.Generator().manual_seed(0)
     gaps = []
     with torch.no_grad():
@@ -270,8 +289,10 @@ def exact_vs_plugin_gap(space: SearchSpace, tables: list[torch.Tensor], draws: i
 
 
 def summarise(results: list[dict[str, Any]]) -> str:
-    lines = ["| data | expectation | target ms | measured ms (mean) | error | within ±10 % | accuracy | baseline acc. |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| data | expectation | target ms | measured ms (mean) | error | within ±10 % | accuracy | baseline acc. |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for result in results:
         for target in result["targets_ms"]:
             base = [b for b in result["baselines"] if b["target_ms"] == target]
@@ -306,14 +327,19 @@ def main() -> None:
     args = parser.parse_args()
     mode = QUICK if args.quick else FULL
     torch.set_num_threads(1)  # the service measures on the other core; keep training off it
-    with contextmanager(lambda: iter([args.device]))() if args.device else local_service() as url:
+    with given_service(args.device) if args.device else local_service() as url:
         service = DeviceService(url)
         if not args.device:
             ops: dict[str, OpSpec] = {}
             for name in mode.datasets:
                 bundle = load_dataset(name)
                 for op in space_profile_ops(
-                    create_space("blocks", in_channels=bundle.in_channels, num_classes=bundle.num_classes, image_size=bundle.image_size),
+                    create_space(
+                        "blocks",
+                        in_channels=bundle.in_channels,
+                        num_classes=bundle.num_classes,
+                        image_size=bundle.image_size,
+                    ),
                     mode.profile_fractions,
                 ):
                     ops[op.key] = op

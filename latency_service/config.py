@@ -31,6 +31,8 @@ MEASUREMENT_FIELDS = (
     "spread_threshold",
     "max_attempts",
 )
+# One per host, not per store: two processes timing on one CPU corrupt each other whatever database they write to.
+DEFAULT_MEASURE_LOCK_PATH = str(Path(tempfile.gettempdir()) / "figs-measure.lock")
 LOOPBACK_NAMES = frozenset({"localhost", "ip6-localhost", "ip6-loopback"})
 
 
@@ -93,7 +95,7 @@ class Settings(BaseSettings):
     max_attempts: int | None = Field(default=None, ge=1)
 
     measure_lock_path: str | None = Field(
-        default_factory=lambda: str(Path(tempfile.gettempdir()) / "figs-measure.lock"),
+        default=DEFAULT_MEASURE_LOCK_PATH,
         description="Host-wide lock file that every measuring process takes; empty disables it",
     )
     poll_interval_s: float = Field(default=1.0, gt=0, description="How often an idle worker looks for new jobs")

@@ -128,8 +128,10 @@ class OtherLoadProbe:
                 fields = [int(v) for v in stat.readline().split()[1:]]
         except (OSError, ValueError):
             return None
-        # user nice system idle iowait irq softirq steal ...: everything but idle and iowait is busy.
-        return (sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)) / self._ticks_per_s
+        # user nice system idle iowait irq softirq steal [guest guest_nice]: guest time is already inside user, so
+        # only the first eight count; of those, everything but idle and iowait is busy.
+        counted = fields[:8]
+        return (sum(counted) - counted[3] - (counted[4] if len(counted) > 4 else 0)) / self._ticks_per_s
 
     def start(self) -> None:
         busy = self._busy_s()

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from latency_service import store
 from latency_service.backends import Backend, create_backend
-from latency_service.config import Settings
+from latency_service.config import DEFAULT_MEASURE_LOCK_PATH, Settings
 from latency_service.db import transaction
 from latency_service.environment import host_environment
 from latency_service.measurement import MeasurementConfig, measure, measure_overhead
@@ -46,7 +46,7 @@ class MeasurementLock:
     def __init__(self) -> None:
         self._thread_lock = threading.Lock()
         self._fd: int | None = None
-        self.path: Path | None = None
+        self.path: Path | None = Path(DEFAULT_MEASURE_LOCK_PATH)
 
     def configure(self, path: str | None) -> None:
         self.path = Path(path) if path else None
@@ -55,7 +55,7 @@ class MeasurementLock:
         self._thread_lock.acquire()
         if self.path is not None and fcntl is not None:
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+                fd = os.open(self.path, os.O_RDONLY | os.O_CREAT, 0o666)  # flock needs no write access
             except OSError as exc:  # another user's lock file, a read-only /tmp: fall back to this process only
                 logger.warning("measurement lock file %s unusable (%s); locking this process only", self.path, exc)
             else:
@@ -398,7 +398,9 @@ def fit_device_class(*, session: Session, device_id: str, device_class: str) -> 
     samples = store.training_samples(session=session, device_class=device_class)
     if not samples:
         raise LookupError(f"nothing measured on device class {device_class} yet: run a profiling job first")
-    predictor, reports = fit_predictors(samples)
+    # Fitting keeps both cores busy for seconds to minutes: no timing may run meanwhile, so it takes the same lock.
+    with MEASUREMENT_LOCK:
+        predictor, reports = fit_predictors(samples)
     return store.save_predictor(
         session=session,
         device_id=device_id,

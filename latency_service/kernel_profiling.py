@@ -200,9 +200,13 @@ def profile_network(
     return ProfiledNetwork(network_id, dict(description or {}), kernels, profiled, stats.median_ms, overhead_ms)
 
 
+# The `standard` preset's share for in-context profiling (the operator grid takes the rest of its 20 minutes).
+STANDARD_BUDGET_S = 480.0
 # Networks are generated and measured in rounds; the first round spends this share of the budget on the prior.
 FIRST_ROUND_SHARE = 0.6
 ROUNDS = 3
+# Below this many networks a cross-validated error per network is too noisy to steer sampling (and costs a fit).
+MIN_NETWORKS_FOR_ADAPTIVE = 40
 # Shorter timing than operator variants: a network's median over ~0.15 s is already within ~1 % here.
 IN_CONTEXT_CONFIG = MeasurementConfig(warmup_runs=3, warmup_s=0.03, min_runs=15, min_time_s=0.12, max_time_s=0.8)
 
@@ -270,7 +274,7 @@ def profile_kernels_in_context(
             networks.append(network)
             if progress is not None:
                 progress(int(time.monotonic() - start), int(budget_s))
-        if round_index < len(round_ends) - 1 and len(networks) >= 10:
+        if round_index < len(round_ends) - 1 and len(networks) >= MIN_NETWORKS_FOR_ADAPTIVE:
             reconcile_networks(networks)
             errors = network_errors(networks, seed=seed)
             bad = [n for n, e in zip(networks, errors, strict=True) if abs(e) > 0.10]

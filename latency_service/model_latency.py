@@ -23,7 +23,7 @@ from latency_service.kernel_fit import DEFAULT_METHOD, KernelPredictor, compare_
 from latency_service.kernel_models import KernelPredictorRow, KernelSampleRow, ProfiledNetworkRow
 from latency_service.kernel_profiling import KernelSample, ProfiledNetwork, optimise
 from latency_service.measurement import MeasurementConfig, measure
-from predictors.kernels import KernelDecompositionError, decompose
+from predictors.kernels import KernelDecompositionError, decompose, static_shapes
 
 
 class InvalidModelError(ValueError):
@@ -76,10 +76,10 @@ def _optimised(backend: Backend, model_bytes: bytes) -> onnx.ModelProto:
 
 def predict_with(predictor: KernelPredictor, backend: Backend, model_bytes: bytes) -> dict[str, Any]:
     """Predict one model with a given kernel predictor (the service and the benchmark share this)."""
-    validate_model(model_bytes)
+    original = validate_model(model_bytes)
     optimised = _optimised(backend, model_bytes)
     try:
-        kernels = decompose(optimised, block_size=predictor.block_size)
+        kernels = decompose(optimised, block_size=predictor.block_size, known_shapes=static_shapes(original))
     except KernelDecompositionError as exc:
         raise InvalidModelError(f"cannot infer kernel shapes: {exc}") from exc
     predictions = predictor.predict(kernels)

@@ -2,8 +2,9 @@
 
 For every kind, :func:`fit_predictors` compares candidates by K-fold cross-validated MAPE and keeps the winner:
 
-* ``roofline`` — ``max(a * FLOPs, b * bytes) + c`` (MorphNet's latency cost with a per-kind launch constant), fitted
-  on log latency so that 20 us and 20 ms variants weigh alike;
+* ``roofline`` — ``max(a * FLOPs, b * bytes) + c`` (MorphNet's latency cost with a launch constant), one term per
+  kernel class (conv2d: dense, pointwise, depthwise, grouped), fitted on log latency so that 20 us and 20 ms
+  variants weigh alike;
 * ``random_forest`` / ``gradient_boosting`` — trees on log latency over :mod:`predictors.features`;
 * ``random_forest+roofline`` / ``gradient_boosting+roofline`` — trees on the log ratio of latency to the roofline:
   the roofline carries the trend (and extrapolates it beyond the grid), the trees the staircase of NCHWc blocking.
@@ -26,13 +27,15 @@ from typing import Any
 
 import numpy as np
 
-from predictors.features import compute_columns, feature_matrix, feature_names
+from predictors.features import class_column, compute_columns, feature_matrix, feature_names
 from predictors.ops import OpSpec
-from predictors.portable import PortableModel, Roofline, export_model, load_model
+from predictors.portable import PortableModel, Roofline, RooflineTerm, export_model, load_model
 
 FORMAT = "figs-latency-predictor"
 FORMAT_VERSION = 1
 MIN_SAMPLES_FOR_REGRESSORS = 5
+# A kernel class (depthwise, pointwise, ... within conv2d) gets its own roofline term from this many variants on.
+MIN_SAMPLES_PER_CLASS = 6
 # Machine balance assumed by the few-sample fallback (FLOPs per byte at which compute and memory time are equal);
 # roughly a one-core AVX-512 CPU against its DRAM.  Only the scale is fitted there, so this just picks the axis.
 FALLBACK_BALANCE = 8.0
@@ -199,36 +202,58 @@ class LatencyPredictor:
 
 
 # ---- fitting ----------------------------------------------------------------------------------------------------
-def fit_roofline(x: np.ndarray, y_ms: np.ndarray, *, kind: str) -> Roofline:
-    """Least-squares fit of ``max(a*FLOPs, b*bytes) + c`` on log latency; the compute axis is raw or padded FLOPs,
-    whichever fits better."""
+def _fit_term(
+    x: np.ndarray, y_ms: np.ndarray, *, memory: int, compute_options: list[int]
+) -> tuple[float, RooflineTerm]:
     from scipy.optimize import least_squares
 
-    names = feature_names(kind)
-    memory = names.index("bytes")
     log_y = np.log(y_ms)
-    best: tuple[float, Roofline] | None = None
-    for compute_name in compute_columns(kind):
-        compute = names.index(compute_name)
-        flops, nbytes = np.maximum(x[:, compute], 1.0), x[:, memory]
+    nbytes = x[:, memory]
+    best: tuple[float, RooflineTerm] | None = None
+    for compute in compute_options:
+        flops = np.maximum(x[:, compute], 1.0)
 
-        def residuals(theta: np.ndarray, flops: np.ndarray = flops, nbytes: np.ndarray = nbytes) -> np.ndarray:
+        def residuals(theta: np.ndarray, flops: np.ndarray = flops) -> np.ndarray:
             a, b, c = np.exp(theta)
             result: np.ndarray = np.log(np.maximum(a * flops, b * nbytes) + c) - log_y
             return result
 
-        starts = [
-            np.log([np.median(y_ms / flops) * s, np.median(y_ms / nbytes) * s, y_ms.min() * (1 - s) + 1e-6])
-            for s in (0.5, 0.9)
-        ]
-        for theta0 in starts:
+        for share in (0.5, 0.9):
+            theta0 = np.log([np.median(y_ms / flops) * share, np.median(y_ms / nbytes) * share,
+                             y_ms.min() * (1 - share) + 1e-6])  # fmt: skip
+            # soft_l1: one variant timed during a burst of contention should not drag the whole curve.
             fit = least_squares(residuals, theta0, loss="soft_l1", f_scale=0.1)
             if best is None or fit.cost < best[0]:
                 a, b, c = np.exp(fit.x)
-                best = (fit.cost, Roofline(a=a, b=b, c=c, compute_column=compute, memory_column=memory,
-                                           n_features=x.shape[1]))  # fmt: skip
+                best = (float(fit.cost), RooflineTerm(float(a), float(b), float(c), compute))
     assert best is not None
-    return best[1]
+    return best
+
+
+def fit_roofline(x: np.ndarray, y_ms: np.ndarray, *, kind: str) -> Roofline:
+    """Fit ``max(a*FLOPs, b*bytes) + c`` on log latency, pooled and per kernel class with enough variants.
+
+    The compute axis is raw or channel-padded FLOPs, whichever fits a term better.
+    """
+    names = feature_names(kind)
+    memory = names.index("bytes")
+    options = [names.index(c) for c in compute_columns(kind)]
+    _, pooled = _fit_term(x, y_ms, memory=memory, compute_options=options)
+    class_name = class_column(kind)
+    classes: dict[int, RooflineTerm] = {}
+    if class_name is not None:
+        column = names.index(class_name)
+        for value in np.unique(x[:, column]):
+            rows = x[:, column] == value
+            if rows.sum() >= MIN_SAMPLES_PER_CLASS:
+                classes[int(value)] = _fit_term(x[rows], y_ms[rows], memory=memory, compute_options=options)[1]
+    return Roofline(
+        pooled=pooled,
+        memory_column=memory,
+        n_features=x.shape[1],
+        class_column=None if class_name is None else names.index(class_name),
+        classes=classes,
+    )
 
 
 def _roofline_ratio(x: np.ndarray, y_ms: np.ndarray, *, kind: str) -> Components:
@@ -236,41 +261,38 @@ def _roofline_ratio(x: np.ndarray, y_ms: np.ndarray, *, kind: str) -> Components
     flops, nbytes = x[:, names.index("flops")], x[:, names.index("bytes")]
     work = np.maximum(flops, FALLBACK_BALANCE * nbytes)
     scale = float(np.exp(np.mean(np.log(y_ms / work))))
-    model = Roofline(a=scale, b=scale * FALLBACK_BALANCE, c=0.0, compute_column=names.index("flops"),
-                     memory_column=names.index("bytes"), n_features=x.shape[1])  # fmt: skip
-    return [(_MS, model)]
+    term = RooflineTerm(scale, scale * FALLBACK_BALANCE, 0.0, names.index("flops"))
+    return [(_MS, Roofline(pooled=term, memory_column=names.index("bytes"), n_features=x.shape[1]))]
 
 
 def _trees(name: str, seed: int) -> Any:
     from sklearn.ensemble import GradientBoostingRegressor, RandomForestRegressor
 
-    # Sizes keep 100k predictions (a search's latency tables) around a second in the numpy tree walker: 40 trees
-    # and 150 boosting stages cost under 1 % CV MAPE against 100 and 300 on the benchmark grid.
+    # Sizes keep 100k predictions (a search's latency tables) around a second in numpy; see the benchmark.
     if name == "random_forest":
         return RandomForestRegressor(n_estimators=40, max_features=0.5, min_samples_leaf=2, random_state=seed)
     return GradientBoostingRegressor(n_estimators=150, max_depth=3, learning_rate=0.1, subsample=0.8, random_state=seed)
 
 
-def _tree_candidate(tree_name: str, *, on_roofline: bool) -> Callable[[np.ndarray, np.ndarray, str, int], Components]:
-    def fit(x: np.ndarray, y_ms: np.ndarray, kind: str, seed: int) -> Components:
-        components: Components = []
-        target = np.log(y_ms)
-        if on_roofline:
-            base = fit_roofline(x, y_ms, kind=kind)
-            components.append((_MS, base))
-            target = target - np.log(base.predict(x))
-        regressor = _trees(tree_name, seed).fit(x, target)
-        components.append((_LOG, export_model(regressor)))
-        return components
+# A candidate fits on (features, ms, kind, seed, the roofline already fitted to the same rows).
+Candidate = Callable[[np.ndarray, np.ndarray, str, int, Roofline], Components]
+
+
+def _tree_candidate(tree_name: str, *, on_roofline: bool) -> Candidate:
+    def fit(x: np.ndarray, y_ms: np.ndarray, kind: str, seed: int, roofline: Roofline) -> Components:
+        if not on_roofline:
+            return [(_LOG, export_model(_trees(tree_name, seed).fit(x, np.log(y_ms))))]
+        residual = np.log(y_ms) - np.log(roofline.predict(x))
+        return [(_MS, roofline), (_LOG, export_model(_trees(tree_name, seed).fit(x, residual)))]
 
     return fit
 
 
-def _roofline_candidate(x: np.ndarray, y_ms: np.ndarray, kind: str, seed: int) -> Components:
-    return [(_MS, fit_roofline(x, y_ms, kind=kind))]
+def _roofline_candidate(x: np.ndarray, y_ms: np.ndarray, kind: str, seed: int, roofline: Roofline) -> Components:
+    return [(_MS, roofline)]
 
 
-CANDIDATES: dict[str, Callable[[np.ndarray, np.ndarray, str, int], Components]] = {
+CANDIDATES: dict[str, Candidate] = {
     "roofline": _roofline_candidate,
     "random_forest": _tree_candidate("random_forest", on_roofline=False),
     "gradient_boosting": _tree_candidate("gradient_boosting", on_roofline=False),
@@ -289,18 +311,14 @@ def _relative_errors(predicted: np.ndarray, y_ms: np.ndarray) -> np.ndarray:
 
 
 def _cross_validated_errors(
-    fit: Callable[[np.ndarray, np.ndarray, str, int], Components],
-    x: np.ndarray,
-    y_ms: np.ndarray,
-    *,
-    kind: str,
-    folds: list[tuple[np.ndarray, np.ndarray]],
-    seed: int,
-) -> np.ndarray:
-    predicted = np.empty(len(y_ms))
+    x: np.ndarray, y_ms: np.ndarray, *, kind: str, folds: list[tuple[np.ndarray, np.ndarray]], seed: int
+) -> dict[str, np.ndarray]:
+    predicted = {name: np.empty(len(y_ms)) for name in CANDIDATES}
     for train, test in folds:
-        predicted[test] = _evaluate(fit(x[train], y_ms[train], kind, seed), x[test])
-    return _relative_errors(predicted, y_ms)
+        roofline = fit_roofline(x[train], y_ms[train], kind=kind)
+        for name, fit in CANDIDATES.items():
+            predicted[name][test] = _evaluate(fit(x[train], y_ms[train], kind, seed, roofline), x[test])
+    return {name: _relative_errors(p, y_ms) for name, p in predicted.items()}
 
 
 def _fit_kind(
@@ -329,10 +347,7 @@ def _fit_kind(
 
     splitter = KFold(n_splits=min(cv_folds, n), shuffle=True, random_state=seed)
     folds = list(splitter.split(x))
-    errors_by_name = {
-        name: _cross_validated_errors(fit, x, y_ms, kind=kind, folds=folds, seed=seed)
-        for name, fit in CANDIDATES.items()
-    }
+    errors_by_name = _cross_validated_errors(x, y_ms, kind=kind, folds=folds, seed=seed)
     # Ties go to the earlier (simpler) candidate: min() keeps the first of equal values.
     winner = min(errors_by_name, key=lambda name: float(errors_by_name[name].mean()))
     errors = errors_by_name[winner]
@@ -342,7 +357,7 @@ def _fit_kind(
         candidates={name: float(e.mean()) for name, e in errors_by_name.items()},
         candidates_within_10pct={name: float((e <= 0.1).mean()) for name, e in errors_by_name.items()},
     )  # fmt: skip
-    return CANDIDATES[winner](x, y_ms, kind, seed), report
+    return CANDIDATES[winner](x, y_ms, kind, seed, fit_roofline(x, y_ms, kind=kind)), report
 
 
 def fit_predictors(

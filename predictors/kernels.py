@@ -13,7 +13,7 @@ Nothing here imports onnxruntime or torch: the service hands the optimised model
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -305,6 +305,20 @@ def _infer_outputs(node: onnx.NodeProto, table: _ShapeTable) -> list[tuple[int, 
     raise KernelDecompositionError(node.name or op, f"no shape rule for {op}")
 
 
+def static_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """Every fully static tensor shape onnx's shape inference finds in a (standard-domain) model."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # inference is a best effort for the unusual ops; the rules above cover the usual ones
+        return {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for value in [*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input]:
+        dims = value.type.tensor_type.shape.dim
+        if dims and all(d.HasField("dim_value") for d in dims):
+            shapes[value.name] = tuple(int(d.dim_value) for d in dims)
+    return shapes
+
+
 def _classify(node: onnx.NodeProto, ins: list[tuple[int, ...]], outs: list[tuple[int, ...]]) -> str | None:
     op = node.op_type
     if op in ("Conv", "FusedConv"):
@@ -385,12 +399,16 @@ def _features(kernel_class: str | None, node: onnx.NodeProto, ins: list, outs: l
     return []
 
 
-def decompose(model: onnx.ModelProto, *, block_size: int = 16) -> list[Kernel]:
+def decompose(
+    model: onnx.ModelProto, *, block_size: int = 16, known_shapes: Mapping[str, tuple[int, ...]] | None = None
+) -> list[Kernel]:
     """The kernels of an optimised graph in execution order, with shapes and features.
 
     Args:
         model: the optimised model the runtime wrote (``optimized_model_filepath``), static shapes.
         block_size: the runtime's NCHWc channel block (16 with AVX-512, 8 with AVX2); ReorderInput pads to it.
+        known_shapes: tensor shapes from elsewhere (shape inference on the original model); used for the outputs of
+            ops that have no shape rule here, whose names the optimiser kept.
 
     Raises:
         KernelDecompositionError: naming the first node whose shapes cannot be inferred.
@@ -406,7 +424,12 @@ def decompose(model: onnx.ModelProto, *, block_size: int = 16) -> list[Kernel]:
                     if tensor.data_type == onnx.TensorProto.INT64:
                         table.values[out] = numpy_helper.to_array(tensor)
             continue
-        outs = _infer_outputs(node, table)
+        try:
+            outs = _infer_outputs(node, table)
+        except KernelDecompositionError:
+            if not known_shapes or not all(o in known_shapes for o in node.output if o):
+                raise
+            outs = [known_shapes[o] for o in node.output if o]
         for name, shape in zip(node.output, outs, strict=False):
             if name:
                 table.shapes[name] = shape

@@ -8,7 +8,7 @@ Three portable model types:
 
 * ``tree_ensemble`` — one or more CART trees combined as ``init + scale * sum(tree(x))`` (random forests and extra
   trees: ``scale = 1 / n_trees``; gradient boosting: the learning rate and the init constant; one decision tree:
-  scale 1).
+  scale 1), evaluated by :mod:`predictors.tree_eval`.
 * ``linear`` — ``x @ coef + intercept``.
 * ``roofline`` — ``max(a * x[compute], b * x[memory]) + c``: the physically shaped model (MorphNet's latency cost)
   over two feature columns, optionally one term per kernel class; fitted in :mod:`predictors.fitting`.
@@ -22,11 +22,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from predictors.tree_eval import LEAF, Tree, build_evaluator
+
 FORMAT_VERSION = 1
-# Leaves in scikit-learn's tree arrays have children -1 (TREE_LEAF).
-_LEAF = -1
-# (row, tree) pairs walked per chunk: keeps the index arrays cache-sized (measured 2-3x faster than 8x larger).
-_CHUNK_PAIRS = 1 << 18
 
 
 class PortableModel(Protocol):
@@ -44,38 +42,33 @@ def _check_matrix(x: np.ndarray, n_features: int) -> np.ndarray:
     return x
 
 
-@dataclass(frozen=True)
-class TreeArrays:
-    """One CART tree as scikit-learn stores it: node i splits on ``feature[i] <= threshold[i]``."""
+def _tree_to_json(tree: Tree) -> dict[str, Any]:
+    return {
+        "children_left": tree.children_left.tolist(),
+        "children_right": tree.children_right.tolist(),
+        "feature": tree.feature.tolist(),
+        "threshold": tree.threshold.tolist(),
+        "value": tree.value.tolist(),
+    }
 
-    children_left: np.ndarray
-    children_right: np.ndarray
-    feature: np.ndarray
-    threshold: np.ndarray
-    value: np.ndarray
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "children_left": self.children_left.tolist(),
-            "children_right": self.children_right.tolist(),
-            "feature": self.feature.tolist(),
-            "threshold": self.threshold.tolist(),
-            "value": self.value.tolist(),
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> TreeArrays:
-        tree = cls(
-            children_left=np.asarray(data["children_left"], dtype=np.int64),
-            children_right=np.asarray(data["children_right"], dtype=np.int64),
-            feature=np.asarray(data["feature"], dtype=np.int64),
-            threshold=np.asarray(data["threshold"], dtype=np.float64),
-            value=np.asarray(data["value"], dtype=np.float64),
-        )
-        sizes = {len(a) for a in (tree.children_left, tree.children_right, tree.feature, tree.threshold, tree.value)}
-        if len(sizes) != 1 or not tree.children_left.size:
-            raise ValueError("tree arrays must be non-empty and of equal length")
-        return tree
+def _tree_from_json(data: dict[str, Any]) -> Tree:
+    tree = Tree(
+        children_left=np.asarray(data["children_left"], dtype=np.int64),
+        children_right=np.asarray(data["children_right"], dtype=np.int64),
+        feature=np.asarray(data["feature"], dtype=np.int64),
+        threshold=np.asarray(data["threshold"], dtype=np.float64),
+        value=np.asarray(data["value"], dtype=np.float64),
+    )
+    arrays = (tree.children_left, tree.children_right, tree.feature, tree.threshold, tree.value)
+    if len({len(a) for a in arrays}) != 1 or not tree.children_left.size:
+        raise ValueError("trees: node arrays must be non-empty and of equal length")
+    n = len(tree.feature)
+    internal = tree.children_left != LEAF
+    children = np.concatenate([tree.children_left[internal], tree.children_right[internal]])
+    if (children <= 0).any() or (children >= n).any() or len(set(children.tolist())) != len(children):
+        raise ValueError("trees: children must index other nodes of the same tree, each once")
+    return tree
 
 
 class TreeEnsemble:
@@ -84,7 +77,7 @@ class TreeEnsemble:
     kind = "tree_ensemble"
 
     def __init__(
-        self, trees: list[TreeArrays], *, n_features: int, init: float = 0.0, scale: float = 1.0, average: bool = False
+        self, trees: list[Tree], *, n_features: int, init: float = 0.0, scale: float = 1.0, average: bool = False
     ) -> None:
         if not trees:
             raise ValueError("a tree ensemble needs at least one tree")
@@ -94,63 +87,13 @@ class TreeEnsemble:
         self.scale = float(scale)
         # Forests sum their trees and divide once at the end, as scikit-learn does; boosting scales each tree.
         self.average = average
-        self._pack()
-
-    def _pack(self) -> None:
-        # All trees go into one node array so that one gather per level advances every tree; leaves point to
-        # themselves so a fixed number of steps needs no masking.
-        offsets = np.cumsum([0] + [len(t.feature) for t in self.trees])
-        left, right, feature, threshold, value = [], [], [], [], []
-        for offset, tree in zip(offsets[:-1], self.trees, strict=True):
-            own = np.arange(len(tree.feature)) + offset
-            leaf = tree.children_left == _LEAF
-            left.append(np.where(leaf, own, tree.children_left + offset))
-            right.append(np.where(leaf, own, tree.children_right + offset))
-            feature.append(np.where(leaf, 0, tree.feature))
-            threshold.append(np.where(leaf, np.inf, tree.threshold))
-            value.append(tree.value)
-        self._roots = offsets[:-1].astype(np.intp)
-        # children[2 * node] is the left child and children[2 * node + 1] the right one: one gather per step.
-        self._children = np.column_stack([np.concatenate(left), np.concatenate(right)]).ravel().astype(np.intp)
-        self._feature = np.concatenate(feature).astype(np.intp)
-        self._threshold = np.concatenate(threshold)
-        self._value = np.concatenate(value)
-        self._is_leaf = self._children[0::2] == np.arange(len(self._feature))
-        if self._feature.max() >= self.n_features:
-            raise ValueError(f"a tree splits on feature {self._feature.max()} but the model has {self.n_features}")
+        self._evaluator = build_evaluator(trees, n_features)
 
     def leaf_values(self, x: np.ndarray) -> np.ndarray:
         """Per tree and row, the value of the leaf the row lands in: shape (trees, rows)."""
         # scikit-learn compares float32 features with float64 thresholds; matching that keeps splits identical.
         x32 = _check_matrix(x, self.n_features).astype(np.float32).astype(np.float64)
-        n_trees = len(self._roots)
-        rows_per_chunk = max(1, _CHUNK_PAIRS // n_trees)
-        out = np.empty((n_trees, len(x32)), dtype=np.float64)
-        for start in range(0, len(x32), rows_per_chunk):
-            chunk = x32[start : start + rows_per_chunk]
-            # Tree-major order: each tree's rows are contiguous, so the final per-tree sums stream.
-            node = np.repeat(self._roots, len(chunk))
-            x_offset = np.tile(np.arange(len(chunk), dtype=np.intp) * self.n_features, n_trees)
-            flat = chunk.ravel()
-            walking: np.ndarray | None = None  # None: every pair is still inside its tree
-            while True:
-                current = node if walking is None else node[walking]
-                offsets = x_offset if walking is None else x_offset[walking]
-                go_right = flat[offsets + self._feature[current]] > self._threshold[current]
-                step = self._children[2 * current + go_right]
-                inside = ~self._is_leaf[step]
-                if walking is None:
-                    node = step
-                else:
-                    node[walking] = step
-                if inside.all():
-                    continue
-                # Only pairs still inside a tree are advanced: deep forest trees end most paths early.
-                walking = np.nonzero(inside)[0] if walking is None else walking[inside]
-                if not walking.size:
-                    break
-            out[:, start : start + len(chunk)] = self._value[node].reshape(n_trees, len(chunk))
-        return out
+        return self._evaluator.leaf_values(x32)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         leaves = self.leaf_values(x)
@@ -174,13 +117,13 @@ class TreeEnsemble:
             "init": self.init,
             "scale": self.scale,
             "average": self.average,
-            "trees": [t.to_json() for t in self.trees],
+            "trees": [_tree_to_json(t) for t in self.trees],
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> TreeEnsemble:
         return cls(
-            [TreeArrays.from_json(t) for t in data["trees"]],
+            [_tree_from_json(t) for t in data["trees"]],
             n_features=int(data["n_features"]),
             init=float(data["init"]),
             scale=float(data["scale"]),
@@ -325,11 +268,11 @@ def load_model(data: dict[str, Any]) -> PortableModel:
     return model
 
 
-def _tree_arrays(fitted_tree: Any) -> TreeArrays:
+def _tree_arrays(fitted_tree: Any) -> Tree:
     tree = fitted_tree.tree_
     if tree.n_outputs != 1:
         raise ValueError("only single-output regression trees are portable")
-    return TreeArrays(
+    return Tree(
         children_left=np.asarray(tree.children_left, dtype=np.int64),
         children_right=np.asarray(tree.children_right, dtype=np.int64),
         feature=np.asarray(tree.feature, dtype=np.int64),
@@ -380,7 +323,6 @@ __all__ = [
     "PortableModel",
     "Roofline",
     "RooflineTerm",
-    "TreeArrays",
     "TreeEnsemble",
     "export_model",
     "load_model",

@@ -7,7 +7,6 @@ checkpoint) exits with code 2 and one line on stderr; an unreachable device with
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -189,9 +188,13 @@ def search(
     token: Annotated[str | None, typer.Option(envvar="FIGS_TOKEN", help="bearer token for the services")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     measure: Annotated[bool, typer.Option(help="ask each device to measure and predict the exported model")] = True,
+    threads: Annotated[int, typer.Option(min=1, help="torch intra-op threads for training")] = 1,
 ) -> None:
     """Search a network that meets the latency targets, compact and fine-tune it, export it, check it on the devices."""
     targets = _targets_per_device(device, target_latency_ms)
+    # One thread by default: a local latency service measures on the other core, and two training threads on a
+    # loaded 2-core machine ran each step ~10x slower than one.
+    torch.set_num_threads(threads)
     with user_errors():
         bundle = load_dataset(data, seed=seed)
         if space not in list_spaces():
@@ -349,12 +352,8 @@ def evaluate_command(
     console.print(json.dumps({"accuracy": result.accuracy, "loss": result.loss, "n": result.n}))
 
 
-def main() -> None:  # pragma: no cover - console-script shim for `python -m search.cli`
+if __name__ == "__main__":  # pragma: no cover - `python -m search.cli`
     app(prog_name="figs")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
 
 
 __all__ = ["DeviceLink", "app", "connect_devices", "device_tables", "verify_on_devices"]

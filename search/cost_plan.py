@@ -138,18 +138,20 @@ class CountPlan:
             self._any_members.append(members)
         return self._n_ops + 2 + self._any_members.index(members)
 
-    def _build(self, in_index: list[int], out_index: list[int], layer_switches: list[object | None]) -> None:
+    def _build(self, in_index: list[int], out_index: list[int], layer_switches: Sequence[object | None]) -> None:
         gates = self.channel_gates
         self.shift = torch.cat(
             [torch.full((g.n,), _HARD_CONCRETE_SHIFT if g.config.estimator == "hard_concrete" else 0.0) for g in gates]
         )
-        forced = [g.config.fixed_on | (g.pinned if g.config.keep_first_alive else torch.zeros_like(g.pinned)) for g in gates]
-        self.forced_on = torch.cat([torch.as_tensor(f, dtype=torch.bool).expand(g.n) for f, g in zip(forced, gates)])
+        forced = [torch.full((g.n,), g.config.fixed_on) | (g.pinned & g.config.keep_first_alive) for g in gates]
+        self.forced_on = torch.cat(forced) if forced else torch.zeros(0, dtype=torch.bool)
         ops = self.operator_gates
-        self.op_shift = torch.tensor([_HARD_CONCRETE_SHIFT if g.config.estimator == "hard_concrete" else 0.0 for g in ops])
+        self.op_shift = torch.tensor(
+            [_HARD_CONCRETE_SHIFT if g.config.estimator == "hard_concrete" else 0.0 for g in ops]
+        )
         self.op_fixed = torch.tensor([g.config.fixed_on for g in ops], dtype=torch.bool)
         layer_switch_ids = [self._switch_id(s) for s in layer_switches]
-        atom_width = _next_power_of_two(max((sum(1 for _ in [0]) and max(g.n for g, _ in a)) for a in self._atoms)) if self._atoms else 1
+        atom_width = _next_power_of_two(max((max(g.n for g, _ in a) for a in self._atoms), default=1))
         members = max((len(a) for a in self._atoms), default=1)
         channel_index = torch.full((len(self._atoms), members, atom_width), self._n_channels, dtype=torch.long)
         member_switch = torch.full((len(self._atoms), members), self.zero, dtype=torch.long)
@@ -186,7 +188,9 @@ class CountPlan:
                 index[row, : len(self._sources[s])] = torch.arange(starts[s], starts[s] + len(self._sources[s]))
             self.source_groups.append((torch.tensor(sources), index))
             order.extend(sources)
-        self.source_order = torch.argsort(torch.tensor(order, dtype=torch.long)) if order else torch.zeros(0, dtype=torch.long)
+        self.source_order = (
+            torch.argsort(torch.tensor(order, dtype=torch.long)) if order else torch.zeros(0, dtype=torch.long)
+        )
         fixed = len(self._sources)
         self.in_index = torch.tensor([fixed if i < 0 else i for i in in_index], dtype=torch.long)
         self.out_index = torch.tensor([fixed if i < 0 else i for i in out_index], dtype=torch.long)
@@ -228,7 +232,9 @@ class CountPlan:
             while polys.shape[1] > 1:
                 polys = _polymul_pairs(polys[:, 0::2], polys[:, 1::2])
             pmf = polys[:, 0]
-            pmf = pmf[:, :length] if pmf.shape[1] >= length else torch.nn.functional.pad(pmf, (0, length - pmf.shape[1]))
+            pmf = (
+                pmf[:, :length] if pmf.shape[1] >= length else torch.nn.functional.pad(pmf, (0, length - pmf.shape[1]))
+            )
             groups.append(pmf)
         fixed = torch.zeros(1, length)
         fixed[0, 0] = 1

@@ -21,6 +21,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from search.cost_plan import CountPlan, UnsupportedSource
 from search.expected import poisson_binomial_pmf
 from search.gates import AnyOf, ChannelGate, ChannelSource, GateConcat, GateGroup, OperatorGate, OperatorGated
 from search.spaces.base import LatencyLayer, SearchSpace
@@ -114,6 +115,20 @@ class CostModel:
                 if not bool(torch.isfinite(dense).all()) or bool((dense < 0).any()):
                     raise ValueError(f"latency_tables[{device!r}][{i}] ({layer.name}): needs finite values ≥ 0")
                 self._tables[d, i, : dense.shape[0], : dense.shape[1]] = dense
+        # Ragged form of the tables (only each layer's real entries): the padded [D, L, R, C] block is mostly zeros
+        # (a 1-row depthwise table padded to the widest projection) and cost 1.8 ms a step to contract.
+        entry_layer, entry_in, entry_out = [], [], []
+        for i, layer in enumerate(self.layers):
+            r, c = layer.table_shape
+            grid_r, grid_c = torch.meshgrid(torch.arange(r), torch.arange(c), indexing="ij")
+            entry_layer.append(torch.full((r * c,), i))
+            entry_in.append(i * rows + grid_r.flatten())
+            entry_out.append(i * cols + grid_c.flatten())
+        self._entry_layer = torch.cat(entry_layer)
+        self._entry_in, self._entry_out = torch.cat(entry_in), torch.cat(entry_out)
+        self._ragged = self._tables.flatten(2)[
+            :, self._entry_layer, (self._entry_in % rows) * cols + self._entry_out % cols
+        ]
         found: dict[int, ChannelSource] = {}
         for layer in self.layers:
             for source in (layer.cin_source if layer.input_gated else None, layer.cout_source):
@@ -126,10 +141,16 @@ class CostModel:
                 _gates_of(source, gates)
         self._gates = list(gates.values())
         self._memo: tuple[tuple[object, ...], CostValues] | None = None
+        try:
+            self.plan: CountPlan | None = CountPlan(self.layers, rows, cols)
+        except UnsupportedSource:
+            self.plan = None
         coefficients = torch.tensor([layer.cost_coefficients() for layer in self.layers], dtype=torch.float32)
         self._flops_a, self._flops_b, self._params_a, self._params_b = coefficients.unbind(1)
         self._full_cin = torch.tensor([float(layer.cin) for layer in self.layers])
         self._full_cout = torch.tensor([float(layer.cout) for layer in self.layers])
+        self._fixed_in = torch.tensor([not layer.input_gated for layer in self.layers])
+        self._fixed_out = torch.tensor([not layer.output_gated for layer in self.layers])
         self._count_rows = torch.arange(rows, dtype=torch.float32)
         self._count_cols = torch.arange(cols, dtype=torch.float32)
 
@@ -188,6 +209,45 @@ class CostModel:
         return values
 
     def _evaluate(self) -> CostValues:
+        if self.plan is None:
+            return self._evaluate_generic()
+        plan = self.plan
+        switches = plan.switches()
+        atom_probs = plan.atom_probabilities(switches)
+        op_prob = switches[plan.layer_switch]
+        rows, cols = self._tables.shape[2], self._tables.shape[3]
+        pmf_in = pmf_out = None
+        if self.mode == "exact":
+            pmfs = plan.source_pmfs(switches, atom_probs, max(rows, cols))
+            pmf_in, pmf_out = pmfs[plan.in_index, :rows], pmfs[plan.out_index, :cols]
+            count_in = torch.where(plan.fixed_in, self._full_cin, pmf_in @ self._count_rows)
+            count_out = torch.where(plan.fixed_out, self._full_cout, pmf_out @ self._count_cols)
+        else:
+            means = plan.source_means(switches, atom_probs)
+            count_in = torch.where(plan.fixed_in, self._full_cin, means[plan.in_index])
+            count_out = torch.where(plan.fixed_out, self._full_cout, means[plan.out_index])
+        return self._combine(op_prob, count_in, count_out, pmf_in, pmf_out)
+
+    def _combine(
+        self, op_prob: Tensor, count_in: Tensor, count_out: Tensor, pmf_in: Tensor | None, pmf_out: Tensor | None
+    ) -> CostValues:
+        flops = (op_prob * (self._flops_a * count_in * count_out + self._flops_b * count_out)).sum()
+        params = (op_prob * (self._params_a * count_in * count_out + self._params_b * count_out)).sum()
+        latency: dict[str, Tensor] = {}
+        if self.devices:
+            if pmf_in is not None and pmf_out is not None:
+                weight = pmf_in.flatten()[self._entry_in] * pmf_out.flatten()[self._entry_out]
+                per_layer = torch.zeros(len(self.devices), len(self.layers)).index_add(
+                    1, self._entry_layer, self._ragged * weight
+                )
+            else:
+                per_layer = self._plugin(count_in, count_out)
+            totals = (per_layer * op_prob).sum(1)
+            latency = {device: totals[d] for d, device in enumerate(self.devices)}
+        return CostValues(params=params, flops=flops, latency_ms=latency)
+
+    def _evaluate_generic(self) -> CostValues:
+        """Object-by-object evaluation: the reference the vectorised plan is tested against."""
         op_prob = self._operator_probabilities()
         in_sources = [layer.cin_source if layer.input_gated else None for layer in self.layers]
         out_sources = [layer.cout_source for layer in self.layers]
@@ -203,34 +263,16 @@ class CostModel:
         else:
             count_in = self._expected_counts(in_sources, self._full_cin)
             count_out = self._expected_counts(out_sources, self._full_cout)
-        flops = (op_prob * (self._flops_a * count_in * count_out + self._flops_b * count_out)).sum()
-        params = (op_prob * (self._params_a * count_in * count_out + self._params_b * count_out)).sum()
-        latency: dict[str, Tensor] = {}
-        if self.devices:
-            if pmf_in is not None and pmf_out is not None:
-                per_layer = torch.einsum("lr,dlrc,lc->dl", pmf_in, self._tables, pmf_out)
-            else:
-                per_layer = self._plugin(count_in, count_out, in_sources, out_sources)
-            totals = (per_layer * op_prob).sum(1)
-            latency = {device: totals[d] for d, device in enumerate(self.devices)}
-        return CostValues(params=params, flops=flops, latency_ms=latency)
+        return self._combine(op_prob, count_in, count_out, pmf_in, pmf_out)
 
     @staticmethod
     def _expected_counts(sources: list[ChannelSource | None], full: Tensor) -> Tensor:
         return torch.stack([s.expected_count() if s is not None else full[i] for i, s in enumerate(sources)])
 
-    def _plugin(
-        self,
-        count_in: Tensor,
-        count_out: Tensor,
-        in_sources: list[ChannelSource | None],
-        out_sources: list[ChannelSource | None],
-    ) -> Tensor:
+    def _plugin(self, count_in: Tensor, count_out: Tensor) -> Tensor:
         """T(E[C_in], E[C_out]) per device and layer, bilinear between integer counts."""
-        fixed_in = torch.tensor([s is None for s in in_sources])
-        fixed_out = torch.tensor([s is None for s in out_sources])
-        row = torch.where(fixed_in, torch.zeros_like(count_in), count_in)
-        col = torch.where(fixed_out, torch.zeros_like(count_out), count_out)
+        row = torch.where(self._fixed_in, torch.zeros_like(count_in), count_in)
+        col = torch.where(self._fixed_out, torch.zeros_like(count_out), count_out)
         r0 = row.detach().floor().long().clamp(0, self._tables.shape[2] - 1)
         c0 = col.detach().floor().long().clamp(0, self._tables.shape[3] - 1)
         r1 = (r0 + 1).clamp(max=self._tables.shape[2] - 1)

@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from search.service_client import DeviceService, TableLayer
+from search.spaces.base import SearchSpace, create_space
 
 ONNX_OPSET = 17
 
@@ -42,7 +43,7 @@ def onnx_bytes(model: nn.Module, in_channels: int, image_size: int) -> bytes:
             torch.onnx.export(
                 model,
                 (example,),
-                buffer,
+                buffer,  # type: ignore[arg-type]  # the TorchScript exporter writes to any binary file object
                 dynamo=False,
                 opset_version=ONNX_OPSET,
                 input_names=["input"],
@@ -74,10 +75,8 @@ def read_architecture(path: Path | str) -> dict[str, Any]:
     return arch
 
 
-def load_checkpoint_space(checkpoint: Path | str) -> tuple[nn.Module, dict[str, Any]]:
+def load_checkpoint_space(checkpoint: Path | str) -> tuple[SearchSpace, dict[str, Any]]:
     """Rebuild the searched supernet from a search checkpoint; returns it (eval mode) and the checkpoint's metadata."""
-    from search.spaces.base import create_space
-
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"--checkpoint: {path} does not exist")
@@ -140,7 +139,7 @@ def table_latency_ms(service: DeviceService, latency_layers: list[Any]) -> float
 
 
 def calibrate_device(
-    service: DeviceService, uniform_spaces: list[Any], *, in_channels: int, image_size: int
+    service: DeviceService, uniform_spaces: list[SearchSpace], *, in_channels: int, image_size: int
 ) -> LatencyCalibration:
     """Measure each uniform-width space (all gates on, compacted) on the device and fit the table → measured map."""
     points = []

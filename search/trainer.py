@@ -25,6 +25,7 @@ from search.costs import CostModel, CostTargets, CostValues, make_lagrangians, t
 from search.data import DataBundle
 from search.export import evaluate
 from search.gates import ReinforceBaseline, reinforce_surrogate
+from search.spaces.base import SearchSpace
 
 Optimiser = Literal["sgd", "adam", "rmsprop"]
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -103,13 +104,13 @@ def batches(dataset: TensorDataset, batch_size: int, seed: int, start_epoch: int
         epoch += 1
 
 
-def keep_probabilities(space: nn.Module) -> dict[str, list[float]]:
+def keep_probabilities(space: SearchSpace) -> dict[str, list[float]]:
     """Per gate (channel gates and whole-operator gates alike), the keep probability of each of its channels."""
     with torch.no_grad():
         return {gate.gate_name: gate.keep_probability().detach().cpu().tolist() for gate in space.gates()}
 
 
-def _set_step(space: nn.Module, step: int) -> None:
+def _set_step(space: SearchSpace, step: int) -> None:
     for gate in space.gates():
         gate.set_step(step)
 
@@ -150,7 +151,7 @@ def _progress(label: str, enabled: bool) -> Progress:
 
 def run_search(
     config: SearchConfig,
-    space: nn.Module,
+    space: SearchSpace,
     data: DataBundle,
     tables: Mapping[str, list[torch.Tensor]],
     *,
@@ -252,7 +253,7 @@ def run_search(
 
             done = step + 1
             if done % config.log_every == 0 or done == config.steps or done % config.eval_every == 0:
-                record = {"step": float(done), "loss": float(loss), "task_loss": float(task_loss)}
+                record = {"step": float(done), "loss": float(loss.detach()), "task_loss": float(task_loss.detach())}
                 record["train_accuracy"] = float((logits.argmax(1) == labels).float().mean())
                 record.update(values.as_floats())
                 record.update({name: float(value) for name, value in terms.items()})

@@ -191,7 +191,10 @@ class EdgeTPUBackend(Backend):
         else:
             compiled, self.last_compile = compile_for_edgetpu(int8_model, timeout_s=self.compiler_timeout_s)
         interpreter = interpreter_class()(model_content=compiled, experimental_delegates=[self._delegate()])
-        return TFLiteRunnable(interpreter, warm_invokes=1)
+        runnable = TFLiteRunnable(interpreter, warm_invokes=1)
+        if self.last_compile is not None and _COMPILED_MARKER not in int8_model:
+            runnable.details["edgetpu_compile"] = self.last_compile.to_dict()
+        return runnable
 
     def prepare_op(self, op: OpSpec) -> Runnable:
         model = build_op_tflite(op, int8=True, seed=int(op.key[12:20], 16) % (1 << 31), allow_grouped_conv=False)

@@ -74,6 +74,8 @@ class TFLiteRunnable:
             start = time.perf_counter()
             interpreter.invoke()
             self.first_invoke_s = self.first_invoke_s or time.perf_counter() - start
+        # Per-variant facts worth storing next to the measurement (the Edge TPU adds its compile report).
+        self.details: dict[str, Any] = {"first_invoke_ms": round(self.first_invoke_s * 1e3, 4)}
 
     def time_once(self) -> float:
         start = time.perf_counter()

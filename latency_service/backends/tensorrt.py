@@ -182,6 +182,7 @@ class TensorRTBackend(Backend):
                 call = graph.replay
         runnable = _TensorRTRunnable(call, stream, spin_wait=self.spin_wait)
         runnable.engine_build_s = build_s
+        runnable.details = {"engine_build_s": round(build_s, 4), "precision": self.precision}
         runnable.keepalive = (engine, context, buffers)
         return runnable
 
@@ -201,6 +202,7 @@ class _TensorRTRunnable(CudaEventRunnable):
     def __init__(self, call: Any, stream: Any, *, spin_wait: bool) -> None:
         super().__init__(call, spin_wait=spin_wait, stream=stream)
         self.engine_build_s = 0.0
+        self.details: dict[str, Any] = {}
         self.keepalive: Any = None
 
     def close(self) -> None:

@@ -82,3 +82,31 @@ def test_bad_options_name_the_field(options: dict[str, object]) -> None:
     field = next(iter(options))
     with pytest.raises(ValueError, match=f"^{field}:"):
         LiteRTBackend(**options)  # type: ignore[arg-type]
+
+
+def test_profile_fit_and_predict_through_the_http_api(tmp_path: object) -> None:
+    import time
+    from pathlib import Path
+
+    from fastapi.testclient import TestClient
+
+    from latency_service.api.main import create_app
+    from latency_service.config import Settings
+
+    quick = {"warmup_runs": 2, "warmup_s": 0.005, "min_runs": 10, "min_time_s": 0.02, "max_time_s": 0.2}
+    settings = Settings(data_dir=Path(str(tmp_path)), backend="litert", device_id="litert-api", max_attempts=1, **quick)
+    grid = [{"op": "conv2d", "cin": c, "cout": c, "hw": 14, "k": k} for c in (8, 16, 24, 32, 48, 64) for k in (1, 3)]
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/v1/device").json()["backend"] == "litert"
+        job_id = client.post("/v1/jobs", json={"ops": grid}).json()["id"]
+        deadline = time.monotonic() + 120
+        while (job := client.get(f"/v1/jobs/{job_id}").json())["status"] in ("queued", "running"):
+            assert time.monotonic() < deadline, job
+            time.sleep(0.05)
+        assert (job["status"], job["done"], job["failed"]) == ("done", len(grid), 0), job
+        assert client.post("/v1/predictors/fit").status_code == 200
+        unseen = {"op": "conv2d", "cin": 40, "cout": 40, "hw": 14, "k": 3}
+        prediction = client.post("/v1/predict", json={"ops": [grid[0], unseen]}).json()
+        assert prediction["source"] == ["measured", "predicted"]
+        small, large = (m["median_ms"] for m in client.get("/v1/measurements?limit=100").json()["items"][-1:-3:-1])
+        assert 0 < prediction["latency_ms"][1] and small > 0 and large > 0

@@ -72,7 +72,7 @@ def _start(tmp: Path, name: str, min_time_s: float = MIN_TIME_S) -> RunningServi
     return RunningService(url=f"http://127.0.0.1:{port}", db_path=db_path, process=process)
 
 
-def _wait_healthy(service: RunningService, timeout_s: float = 60.0) -> None:
+def _wait_healthy(service: RunningService, timeout_s: float = 180.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if service.process.poll() is not None:

@@ -14,7 +14,8 @@ from sklearn.ensemble import ExtraTreesRegressor, GradientBoostingRegressor, Ran
 from sklearn.linear_model import LinearRegression, Ridge
 from sklearn.tree import DecisionTreeRegressor
 
-from predictors.portable import FORMAT_VERSION, Roofline, export_model, load_model
+from predictors.portable import FORMAT_VERSION, Roofline, RooflineTerm, export_model, load_model
+from predictors.tree_eval import BitvectorScorer, TreeWalker
 
 
 def _data(seed: int = 0, rows: int = 300) -> tuple[np.ndarray, np.ndarray]:
@@ -84,11 +85,19 @@ def test_deep_forest_and_many_rows_are_chunked_consistently() -> None:
     np.testing.assert_array_equal(model.predict(x_new), forest.predict(x_new))
 
 
-def test_roofline_json_round_trip() -> None:
-    model = Roofline(a=1e-9, b=2e-8, c=0.01, compute_column=0, memory_column=1, n_features=2)
-    x = np.array([[1e6, 1e4], [1e9, 1e5]])
+def test_roofline_json_round_trip_with_class_terms() -> None:
+    model = Roofline(
+        pooled=RooflineTerm(1e-9, 2e-8, 0.01, compute_column=0),
+        memory_column=1,
+        n_features=3,
+        class_column=2,
+        classes={1: RooflineTerm(1e-8, 0.0, 0.0, compute_column=0)},
+    )
+    x = np.array([[1e6, 1e4, 0], [1e9, 1e5, 0], [1e6, 1e4, 1]])
     np.testing.assert_array_equal(load_model(json.loads(json.dumps(model.to_json()))).predict(x), model.predict(x))
-    np.testing.assert_allclose(model.predict(x), [max(1e-3, 2e-4) + 0.01, max(1.0, 2e-3) + 0.01])
+    np.testing.assert_allclose(model.predict(x), [max(1e-3, 2e-4) + 0.01, max(1.0, 2e-3) + 0.01, 1e-2])
+    with pytest.raises(ValueError, match="non-negative"):
+        RooflineTerm(-1.0, 0.0, 0.0, compute_column=0)
 
 
 def test_unsupported_estimator_is_refused() -> None:
@@ -121,3 +130,30 @@ def test_bad_feature_matrices_are_refused() -> None:
     bad[1, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         model.predict(bad)
+
+
+@pytest.mark.parametrize("max_leaf_nodes", [2, 8, 16, 32, 64, None])
+def test_bitvector_scorer_and_tree_walker_land_in_the_same_leaves(max_leaf_nodes: int | None) -> None:
+    x, y = _data(rows=400)
+    forest = RandomForestRegressor(n_estimators=12, max_leaf_nodes=max_leaf_nodes, random_state=0).fit(x, y)
+    trees = export_model(forest).trees  # type: ignore[attr-defined]
+    x_new = np.vstack([x, _data(seed=4, rows=3000)[0]]).astype(np.float32).astype(np.float64)
+    walked = TreeWalker(trees, n_features=3).leaf_values(x_new)
+    if max_leaf_nodes is None:
+        assert not BitvectorScorer.fits(trees)  # fully grown trees on 400 rows have far more than 64 leaves
+        return
+    assert BitvectorScorer.fits(trees)
+    np.testing.assert_array_equal(BitvectorScorer(trees, n_features=3).leaf_values(x_new), walked)
+
+
+def test_malformed_trees_are_refused() -> None:
+    x, y = _data()
+    data = export_model(DecisionTreeRegressor(max_depth=2).fit(x, y)).to_json()
+    looped = json.loads(json.dumps(data))
+    looped["trees"][0]["children_left"][0] = 0
+    with pytest.raises(ValueError, match="children"):
+        load_model(looped)
+    short = json.loads(json.dumps(data))
+    short["trees"][0]["value"] = short["trees"][0]["value"][:-1]
+    with pytest.raises(ValueError, match="equal length"):
+        load_model(short)

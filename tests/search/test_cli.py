@@ -189,6 +189,8 @@ def test_export_and_evaluate_bad_input(tmp_path: Path) -> None:
     result = runner.invoke(app, ["export", "--checkpoint", str(tmp_path / "none.pt"), "--out", str(tmp_path)])
     assert result.exit_code == 2 and "does not exist" in one_line_error(result)
     (tmp_path / "arch.json").write_text('{"format": "figs-arch/1", "nodes": []}')
-    result = runner.invoke(app, ["evaluate", "--arch", str(tmp_path / "arch.json"), "--weights", str(tmp_path / "w.pt")])
+    result = runner.invoke(
+        app, ["evaluate", "--arch", str(tmp_path / "arch.json"), "--weights", str(tmp_path / "w.pt")]
+    )
     assert result.exit_code == 2
     one_line_error(result)

@@ -20,13 +20,13 @@ from search.export import (
     write_architecture,
 )
 from search.plots import plot_keep_probabilities, plot_trajectory
-from search.spaces.base import create_space, from_architecture
+from search.spaces.base import SearchSpace, create_space, from_architecture
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def digits_space() -> torch.nn.Module:
+def digits_space() -> SearchSpace:
     torch.manual_seed(0)
     space = create_space("blocks", in_channels=1, num_classes=10, image_size=8)
     with torch.no_grad():  # switch some channels and one operator off so the compact net really is smaller
@@ -35,8 +35,8 @@ def digits_space() -> torch.nn.Module:
     return space.eval()
 
 
-def test_onnx_matches_torch_and_has_static_batch_one(digits_space: torch.nn.Module, tmp_path: Path) -> None:
-    compact, arch = digits_space.compact()
+def test_onnx_matches_torch_and_has_static_batch_one(digits_space: SearchSpace, tmp_path: Path) -> None:
+    compact, _ = digits_space.compact()
     compact.eval()
     data = export_onnx(compact, tmp_path / "model.onnx", in_channels=1, image_size=8)
     model = onnx.load_from_string(data)
@@ -52,7 +52,7 @@ def test_onnx_matches_torch_and_has_static_batch_one(digits_space: torch.nn.Modu
     assert sum(p.numel() for p in compact.parameters()) < full_params
 
 
-def test_architecture_json_round_trip(digits_space: torch.nn.Module, tmp_path: Path) -> None:
+def test_architecture_json_round_trip(digits_space: SearchSpace, tmp_path: Path) -> None:
     compact, arch = digits_space.compact()
     write_architecture(arch, tmp_path / "arch.json")
     rebuilt = from_architecture(read_architecture(tmp_path / "arch.json"))
@@ -73,7 +73,7 @@ def test_read_architecture_rejects_non_objects(tmp_path: Path) -> None:
         read_architecture(tmp_path / "b.json")
 
 
-def test_evaluate_counts_correct_predictions(digits_space: torch.nn.Module) -> None:
+def test_evaluate_counts_correct_predictions(digits_space: SearchSpace) -> None:
     bundle = load_dataset("digits")
     compact, _ = digits_space.compact()
     result = evaluate(compact, bundle.val)
@@ -94,7 +94,7 @@ def test_calibration_fit_and_inverse() -> None:
     assert flat.offset_ms == 0.0 and flat.scale > 0
 
 
-def test_plots_write_pngs(digits_space: torch.nn.Module, tmp_path: Path) -> None:
+def test_plots_write_pngs(digits_space: SearchSpace, tmp_path: Path) -> None:
     probabilities = {name: p.tolist() for name, p in digits_space.keep_probabilities().items()}
     plot_keep_probabilities(probabilities, tmp_path / "keep.png")
     history = [

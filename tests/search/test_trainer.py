@@ -63,7 +63,7 @@ def test_latency_penalty_pulls_expected_latency_to_target(digits: DataBundle) ->
     space = make_space(digits)
     tables = flops_proportional_tables(space)
     target = 0.6 * full_latency(tables)
-    config = SearchConfig(steps=150, target_latency_ms={"cpu": target}, eval_every=50, log_every=10, strength=5.0)
+    config = SearchConfig(steps=120, target_latency_ms={"cpu": target}, eval_every=40, log_every=10, strength=5.0)
     result = run_search(config, space, digits, {"cpu": tables}, progress=False)
     first, last = result.history[0], result.history[-1]
     assert first["latency_ms/cpu"] > target * 1.2
@@ -104,9 +104,13 @@ def test_checkpoint_and_resume_continue_the_same_search(digits: DataBundle, tmp_
     assert result.steps_done == 40
     steps = [h["step"] for h in result.history]
     assert steps == sorted(steps) and steps[0] == 10 and steps[-1] == 40 and 30 in steps
-    assert torch.equal(
-        state["space"]["blocks.0.project_gate.log_odds"], make_space(digits).state_dict()["blocks.0.project_gate.log_odds"]
-    ) is False
+    assert (
+        torch.equal(
+            state["space"]["blocks.0.project_gate.log_odds"],
+            make_space(digits).state_dict()["blocks.0.project_gate.log_odds"],
+        )
+        is False
+    )
 
 
 def test_resume_refuses_changed_settings(digits: DataBundle, tmp_path: Path) -> None:
@@ -114,7 +118,9 @@ def test_resume_refuses_changed_settings(digits: DataBundle, tmp_path: Path) -> 
     tables = {"cpu": flops_proportional_tables(space)}
     run_search(SearchConfig(steps=10, eval_every=10), space, digits, tables, out_dir=tmp_path, progress=False)
     with pytest.raises(ValueError, match="gate_lr"):
-        run_search(SearchConfig(steps=20, gate_lr=0.5), space, digits, tables, out_dir=tmp_path, resume=True, progress=False)
+        run_search(
+            SearchConfig(steps=20, gate_lr=0.5), space, digits, tables, out_dir=tmp_path, resume=True, progress=False
+        )
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         run_search(SearchConfig(steps=10), space, digits, tables, out_dir=tmp_path / "x", resume=True, progress=False)
 

@@ -143,6 +143,7 @@ def test_token_guards_every_route_but_health(tmp_path: Path) -> None:
         assert client.get("/v1/jobs", headers=good).json() == []
 
 
+@pytest.mark.slow  # the module's fitted service takes ~10-20 s to profile and fit
 def test_measurements_predict_and_cancel(fitted: TestClient) -> None:
     page = fitted.get("/v1/measurements", params={"limit": 100}).json()
     assert page["total"] == len(CONVS + DEPTHWISE + LINEARS + RELUS)

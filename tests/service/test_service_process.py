@@ -4,15 +4,17 @@ one measurement at a time, token and body cap on the wire."""
 from __future__ import annotations
 
 import itertools
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from latency_helpers import ServiceProcess, tiny_ops, wait_for_job
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from latency_service.db import make_engine, make_session_factory
 from latency_service.models import Measurement
@@ -33,7 +35,9 @@ def slow_ops(count: int) -> list[dict[str, Any]]:
     return [{"op": "conv2d", "cin": 8, "cout": c, "hw": 16, "k": 3} for c in range(1, count + 1)]
 
 
-def test_results_survive_a_restart(service_factory: ServiceFactory, db_url: str) -> None:
+@pytest.mark.slow
+def test_results_survive_a_restart(service_factory: ServiceFactory, sqlite_url: str) -> None:
+    db_url = sqlite_url
     service = service_factory(FIGS_DB_URL=db_url).start()
     with service.client() as client:
         device = client.get("/v1/device").json()
@@ -54,6 +58,7 @@ def test_results_survive_a_restart(service_factory: ServiceFactory, db_url: str)
     assert len(stored_measurements(db_url)) == 4
 
 
+@pytest.mark.slow
 def test_job_resumes_after_sigkill_without_measuring_twice(service_factory: ServiceFactory, db_url: str) -> None:
     env = {"FIGS_DB_URL": db_url, "FIGS_MIN_TIME_S": "0.05", "FIGS_MAX_TIME_S": "0.1"}
     service = service_factory(**env).start()
@@ -76,6 +81,7 @@ def test_job_resumes_after_sigkill_without_measuring_twice(service_factory: Serv
     assert len(keys) == len(ops) == len(set(keys))  # every variant measured, none twice
 
 
+@pytest.mark.slow
 def test_concurrent_jobs_never_overlap_in_time(service_factory: ServiceFactory, sqlite_url: str) -> None:
     service = service_factory(FIGS_DB_URL=sqlite_url).start()
     job_ids: list[int] = []
@@ -112,7 +118,7 @@ def guarded(service_factory: ServiceFactory) -> Iterator[ServiceProcess]:
     yield service.start()
 
 
-def test_token_and_body_cap_on_the_wire(guarded: ServiceProcess, sqlite_url: str) -> None:
+def test_token_and_body_cap_on_the_wire(guarded: ServiceProcess) -> None:
     with guarded.client(token="") as anonymous:
         assert anonymous.get("/v1/health").json() == {"status": "ok"}
         assert anonymous.get("/v1/device").status_code == 401
@@ -132,20 +138,28 @@ def test_token_and_body_cap_on_the_wire(guarded: ServiceProcess, sqlite_url: str
         assert streamed.status_code == 413
         assert client.get("/v1/jobs").json() == []
         assert httpx.get(f"{guarded.url}/v1/jobs", headers={"Authorization": "Bearer farm-token"}).status_code == 200
-    del sqlite_url
 
 
-def test_measurement_counts_are_exact(service_factory: ServiceFactory, sqlite_url: str) -> None:
+@pytest.mark.slow
+def test_local_profile_next_to_a_running_service(
+    service_factory: ServiceFactory, sqlite_url: str, tmp_path: Path
+) -> None:
+    """A CLI ``profile`` on the store a service uses: neither takes the other's job, and no two timings overlap."""
+    from typer.testing import CliRunner
+
+    from latency_service.cli import app
+
     service = service_factory(FIGS_DB_URL=sqlite_url).start()
+    ops_file = tmp_path / "ops.json"
+    ops_file.write_text(json.dumps(tiny_ops(6)))
     with service.client() as client:
-        job = client.post("/v1/jobs", json={"ops": tiny_ops(3), "force": True}).json()
-        wait_for_job(client, job["id"])
-        forced = client.post("/v1/jobs", json={"ops": tiny_ops(3), "force": True}).json()
-        wait_for_job(client, forced["id"])
-    engine = make_engine(sqlite_url)
-    try:
-        with engine.connect() as connection:
-            count = connection.execute(select(func.count()).select_from(Measurement)).scalar()
-    finally:
-        engine.dispose()
-    assert count == 6
+        served = client.post("/v1/jobs", json={"ops": slow_ops(10)}).json()
+        local = CliRunner().invoke(app, ["profile", "--ops", str(ops_file), "--db", sqlite_url])
+        assert local.exit_code == 0, local.output
+        assert wait_for_job(client, served["id"])["done"] == 10
+        jobs = client.get("/v1/jobs").json()
+    assert sorted(job["total"] for job in jobs) == [6, 10] and all(job["status"] == "done" for job in jobs)
+    rows = stored_measurements(sqlite_url)
+    assert len(rows) == 16 == len({row.variant_key for row in rows})
+    for earlier, later in itertools.pairwise(rows):
+        assert later.started_at is not None and later.started_at >= earlier.measured_at, "two timings overlapped"

@@ -18,6 +18,7 @@ from latency_service.model_latency import (
     latest_kernel_predictor,
     measure_model,
     predict_with,
+    validate_model,
 )
 
 router = APIRouter(tags=["models"])
@@ -68,6 +69,7 @@ class ModelMeasurementPublic(BaseModel):
 
 
 def _predict(service: ServiceState, model_bytes: bytes) -> dict[str, Any]:
+    validate_model(model_bytes)  # a bad body is a 422 whether or not a predictor exists
     with service.session_factory() as session:
         predictor, _ = latest_kernel_predictor(session=session, device_class=service.device_class)
     return predict_with(predictor, service.measuring.backend, model_bytes)

@@ -1,0 +1,257 @@
+"""Whole-model validation: ≥ 50 never-seen CNNs, both exporters, measured end to end vs predicted from the kernels.
+
+Steps (each one's time is reported):
+
+1. Draw random members of every family in :mod:`bench.model_families` and export each with both ``torch.onnx.export``
+   paths (TorchScript opset 17 and dynamo); exports are cached in ``--cache`` so a rerun skips them.
+2. Run the in-context kernel profiling exactly as the ``standard`` preset does (same budget, same code), compare the
+   regressors on held-out networks and fit the winner: the service state a new device has after ``standard``.
+3. Measure every exported model with the service's measurement protocol, predict it from that state, and compute
+   the naive per-layer sum (each torch layer — conv-bn-act, linear, pool, standalone BN/activation — timed alone as
+   an operator variant; residual adds and concats are not layers and are left out, which only flatters it).
+
+    python bench/bench_model_latency.py --models 52 --cache /tmp/figs-bench-models --out /tmp/bench_model_latency.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from latency_service.backends.onnxruntime import OnnxRuntimeBackend  # noqa: E402
+from latency_service.kernel_fit import KernelPredictor, compare_methods, fit_kernel_predictor  # noqa: E402
+from latency_service.kernel_profiling import (  # noqa: E402
+    STANDARD_BUDGET_S,
+    ProfiledNetwork,
+    block_size,
+    profile_kernels_in_context,
+)
+from latency_service.measurement import MeasurementConfig, measure  # noqa: E402
+from latency_service.model_latency import predict_with  # noqa: E402
+
+NAIVE_CONFIG = MeasurementConfig(warmup_runs=3, warmup_s=0.02, min_runs=15, min_time_s=0.08, max_time_s=0.5)
+
+
+def export_models(n_models: int, cache: Path, seed: int) -> list[dict]:
+    """Export (or load from the cache) n_models random family members with both exporters."""
+    from bench.model_families import FAMILIES, random_member
+
+    cache.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    entries = []
+    for i in range(n_models):
+        family = FAMILIES[i % len(FAMILIES)]
+        member_seed = int(rng.integers(1 << 31))
+        for exporter in ("torchscript", "dynamo"):
+            path = cache / f"{i:03d}_{family}_{exporter}_{member_seed}.onnx"
+            meta = path.with_suffix(".json")
+            if not path.exists():
+                from bench.model_families import export_onnx
+
+                model, resolution = random_member(family, np.random.default_rng(member_seed))
+                path.write_bytes(export_onnx(model, resolution, dynamo=exporter == "dynamo"))
+                meta.write_text(json.dumps({"resolution": resolution, "layers": _layer_specs(model, resolution)}))
+            info = json.loads(meta.read_text())
+            entries.append({"index": i, "family": family, "exporter": exporter, "path": path, **info})
+    return entries
+
+
+def _layer_specs(model: object, resolution: int) -> list[dict]:
+    """Operator specs of the model's layers as a per-layer table would list them (conv+bn+act as one variant)."""
+    import torch
+    from torch import nn
+
+    assert isinstance(model, nn.Module)
+    acts = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Hardswish: "hardswish", nn.Hardsigmoid: "hardsigmoid",
+            nn.Sigmoid: "sigmoid", nn.SiLU: "silu"}  # fmt: skip
+    order: list[tuple[nn.Module, tuple[int, ...]]] = []
+    hooks = [
+        m.register_forward_hook(lambda mod, inp, out: order.append((mod, tuple(inp[0].shape))))
+        for m in model.modules()
+        if not list(m.children())
+    ]
+    with torch.no_grad():
+        model(torch.zeros(1, 3, resolution, resolution))
+    for h in hooks:
+        h.remove()
+    specs: list[dict] = []
+    i = 0
+    while i < len(order):
+        module, shape = order[i]
+        if isinstance(module, nn.Conv2d):
+            spec = {"op": "conv2d", "cin": module.in_channels, "cout": module.out_channels, "hw": shape[-1],
+                    "k": module.kernel_size[0], "stride": module.stride[0], "groups": module.groups}  # fmt: skip
+            if i + 1 < len(order) and isinstance(order[i + 1][0], nn.BatchNorm2d):
+                spec["bn"] = True
+                i += 1
+            if i + 1 < len(order) and type(order[i + 1][0]) in acts:
+                spec["act"] = acts[type(order[i + 1][0])]
+                i += 1
+            specs.append(spec)
+        elif isinstance(module, nn.Linear):
+            specs.append({"op": "linear", "cin": module.in_features, "cout": module.out_features})
+        elif isinstance(module, nn.BatchNorm2d):
+            specs.append({"op": "batchnorm", "c": shape[1], "hw": shape[-1]})
+        elif type(module) in acts and len(shape) == 4:
+            specs.append({"op": acts[type(module)], "c": shape[1], "hw": shape[-1]})
+        elif isinstance(module, nn.MaxPool2d | nn.AvgPool2d) and module.kernel_size <= shape[-1]:
+            kind = "maxpool" if isinstance(module, nn.MaxPool2d) else "avgpool"
+            specs.append({"op": kind, "c": shape[1], "hw": shape[-1], "k": module.kernel_size, "stride": module.stride})
+        elif isinstance(module, nn.AdaptiveAvgPool2d):
+            specs.append({"op": "global_avgpool", "c": shape[1], "hw": shape[-1]})
+        i += 1
+    return specs
+
+
+def naive_layer_sum(backend: OnnxRuntimeBackend, specs: list[dict], cache: dict[str, float]) -> float:
+    """Σ standalone-measured layer medians (cached by variant key across models)."""
+    from predictors.ops import op_from_dict
+
+    total = 0.0
+    for raw in specs:
+        try:
+            op = op_from_dict(raw)
+        except ValueError:
+            continue
+        if op.key not in cache:
+            runnable = backend.prepare_op(op)
+            try:
+                cache[op.key] = measure(runnable, NAIVE_CONFIG).median_ms
+            finally:
+                runnable.close()
+        total += cache[op.key]
+    return total
+
+
+def fit_state(backend: OnnxRuntimeBackend, budget_s: float, seed: int) -> tuple[KernelPredictor, dict]:
+    networks: list[ProfiledNetwork] = []
+    start = time.monotonic()
+    samples = profile_kernels_in_context(backend, budget_s=budget_s, seed=seed, networks_out=networks)
+    profiling_s = time.monotonic() - start
+    comparison = compare_methods(networks)
+    method = max(comparison, key=lambda r: (r["network_within_10pct"], -r["network_rmspe"]))["method"]
+    overhead = float(np.median([n.overhead_ms for n in networks]))
+    predictor = fit_kernel_predictor(samples, overhead_ms=overhead, block_size=block_size(backend), method=method)
+    fit_s = time.monotonic() - start - profiling_s
+    info = {"profiling_s": profiling_s, "fit_s": fit_s, "networks": len(networks), "samples": len(samples),
+            "comparison": comparison, "method": method,
+            "wall_trusted": float(np.mean([n.wall_trusted for n in networks]))}  # fmt: skip
+    return predictor, info
+
+
+def _pct(values: np.ndarray, bound: float) -> str:
+    return f"{100 * float(np.mean(np.abs(values) <= bound)):.1f} %"
+
+
+def report(rows: list[dict], info: dict, args: argparse.Namespace, elapsed: dict[str, float]) -> str:
+    err = np.array([r["predicted_ms"] / r["measured_ms"] - 1 for r in rows])
+    naive = np.array([r["naive_ms"] / r["measured_ms"] - 1 for r in rows])
+    load = os.getloadavg()
+    lines = [
+        "# Whole-model latency: predicted vs measured",
+        "",
+        f"- date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; machine: {platform.processor() or platform.machine()}"
+        f", {os.cpu_count()} cores, load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}",
+        f"- command: `python bench/bench_model_latency.py {' '.join(sys.argv[1:])}`",
+        f"- models: {len(rows)} ONNX files ({len({r['index'] for r in rows})} networks × both exporters), none used "
+        f"for fitting; onnxruntime 1 thread, ORT_ENABLE_ALL",
+        f"- in-context profiling (the `standard` preset's part): {info['profiling_s']:.0f} s, {info['networks']} "
+        f"networks, {info['samples']} kernel samples, walls credible for {100 * info['wall_trusted']:.0f} %; "
+        f"regressor fit {info['fit_s']:.0f} s; kept: **{info['method']}**",
+        f"- times: export {elapsed['export']:.0f} s, measure+predict+naive {elapsed['evaluate']:.0f} s",
+        "",
+        "| predictor | within ±5 % | within ±10 % | RMSPE | median abs error |",
+        "|---|---|---|---|---|",
+        f"| kernels in context ({info['method']}) | {_pct(err, 0.05)} | {_pct(err, 0.10)} | "
+        f"{100 * np.sqrt(np.mean(err**2)):.1f} % | {100 * np.median(np.abs(err)):.1f} % |",
+        f"| naive per-layer sum | {_pct(naive, 0.05)} | {_pct(naive, 0.10)} | "
+        f"{100 * np.sqrt(np.mean(naive**2)):.1f} % | {100 * np.median(np.abs(naive)):.1f} % |",
+        "",
+        "Regressors compared on held-out generated networks (grouped CV) and held-out kernels:",
+        "",
+        "| method | networks within ±10 % | within ±5 % | network RMSPE | kernel MAPE |",
+        "|---|---|---|---|---|",
+    ]
+    for c in info["comparison"]:
+        lines.append(
+            f"| {c['method']} | {100 * c['network_within_10pct']:.1f} % | {100 * c['network_within_5pct']:.1f} % | "
+            f"{100 * c['network_rmspe']:.1f} % | {100 * c['kernel_mape']:.1f} % |"
+        )
+    lines += ["", "Per family (both exporters):", "", "| family | n | within ±10 % | RMSPE | mean error | naive mean error |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
+    for family in sorted({r["family"] for r in rows}):
+        sel = [i for i, r in enumerate(rows) if r["family"] == family]
+        e, ne = err[sel], naive[sel]
+        lines.append(f"| {family} | {len(sel)} | {_pct(e, 0.10)} | {100 * np.sqrt(np.mean(e**2)):.1f} % | "
+                     f"{100 * np.mean(e):+.1f} % | {100 * np.mean(ne):+.1f} % |")  # fmt: skip
+    for exporter in ("torchscript", "dynamo"):
+        sel = [i for i, r in enumerate(rows) if r["exporter"] == exporter]
+        lines.append(f"| *all {exporter}* | {len(sel)} | {_pct(err[sel], 0.10)} | "
+                     f"{100 * np.sqrt(np.mean(err[sel] ** 2)):.1f} % | {100 * np.mean(err[sel]):+.1f} % | "
+                     f"{100 * np.mean(naive[sel]):+.1f} % |")  # fmt: skip
+    lines += ["", "Worst five:", "", "| model | resolution | measured ms | predicted ms | error | unmodelled |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
+    for i in np.argsort(-np.abs(err))[:5]:
+        r = rows[i]
+        lines.append(f"| {r['path'].name} | {r['resolution']} | {r['measured_ms']:.3f} | {r['predicted_ms']:.3f} | "
+                     f"{100 * err[i]:+.1f} % | {r['unmodelled']} |")  # fmt: skip
+    unmodelled = sum(r["unmodelled"] for r in rows)
+    lines += ["", f"Unmodelled kernels over all models: {unmodelled}."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", type=int, default=52, help="networks (each exported twice)")
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/figs-bench-models"))
+    parser.add_argument("--budget-s", type=float, default=STANDARD_BUDGET_S, help="in-context profiling budget")
+    parser.add_argument("--seed", type=int, default=2026)
+    parser.add_argument("--out", type=Path, default=None, help="write the Markdown report here too")
+    parser.add_argument("--rows", type=Path, default=None, help="write per-model JSON rows here")
+    args = parser.parse_args()
+    backend = OnnxRuntimeBackend(intra_op_threads=1, optimization_level="all")
+    elapsed: dict[str, float] = {}
+    start = time.monotonic()
+    entries = export_models(args.models, args.cache, args.seed)
+    elapsed["export"] = time.monotonic() - start
+    predictor, info = fit_state(backend, args.budget_s, seed=args.seed % 1000)
+    start = time.monotonic()
+    config = MeasurementConfig()
+    naive_cache: dict[str, float] = {}
+    rows = []
+    for entry in entries:
+        model_bytes = entry["path"].read_bytes()
+        runnable = backend.prepare_model(model_bytes)
+        try:
+            stats = measure(runnable, config, overhead_ms=predictor.overhead_ms)
+        finally:
+            runnable.close()
+        prediction = predict_with(predictor, backend, model_bytes)
+        naive = naive_layer_sum(backend, entry["layers"], naive_cache)
+        rows.append({**entry, "measured_ms": stats.median_ms, "flagged": stats.flagged,
+                     "predicted_ms": prediction["total_ms"], "naive_ms": naive,
+                     "unmodelled": len(prediction["unmodelled"])})  # fmt: skip
+        print(f"{entry['path'].name}: measured {stats.median_ms:.3f} predicted {prediction['total_ms']:.3f} "
+              f"naive {naive:.3f}", flush=True)  # fmt: skip
+    elapsed["evaluate"] = time.monotonic() - start
+    text = report(rows, info, args, elapsed)
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+    if args.rows:
+        args.rows.write_text(json.dumps([{**r, "path": str(r["path"])} for r in rows], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
