@@ -7,7 +7,6 @@ and one line on stderr naming what was wrong; no traceback.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -191,7 +190,6 @@ def profile(
         device_id=device_id,
         session_factory=session_factory,
         measuring=measuring,
-        show_progress=sys.stderr.isatty() or sys.stdout.isatty(),
     )
     console.print(f"job {job.id}: {job.status} — {job.done} done, {job.failed} failed of {job.total} on {device_id}")
     if job.status == "failed":

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from latency_service.environment import host_environment
@@ -64,7 +64,8 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(default_factory=default_data_dir)
     db_url: str | None = Field(default=None, description="Any SQLAlchemy URL; default sqlite:///<data_dir>/latency.db")
-    token: str | None = Field(default=None, description="Bearer token required on every route but /v1/health")
+    # SecretStr: settings get logged and printed; the token must not be.
+    token: SecretStr | None = Field(default=None, description="Bearer token required on every route but /v1/health")
     insecure: bool = Field(default=False, description="Allow a non-loopback bind without a token")
     host: str = "127.0.0.1"
     port: int = Field(default=8400, ge=1, le=65535)
@@ -122,8 +123,8 @@ class Settings(BaseSettings):
 
     @field_validator("token")
     @classmethod
-    def _empty_token_is_none(cls, value: str | None) -> str | None:
-        return value or None
+    def _empty_token_is_none(cls, value: SecretStr | None) -> SecretStr | None:
+        return value if value is not None and value.get_secret_value() else None
 
     @model_validator(mode="after")
     def _refuse_open_bind(self) -> Settings:

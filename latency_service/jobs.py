@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from latency_service import store
-from latency_service.backends import Backend, create_backend
+from latency_service.backends import Backend, backend_class, create_backend
 from latency_service.config import DEFAULT_MEASURE_LOCK_PATH, Settings
 from latency_service.db import transaction
 from latency_service.environment import host_environment
@@ -99,20 +99,19 @@ def _pid_alive(pid: int) -> bool:
 
 
 def job_abandoned(job: Job, *, lease_s: float = JOB_LEASE_S) -> bool:
-    """Whether a running job's process is gone: dead on this host, or silent for longer than the lease."""
+    """Whether a running job's process is gone: on this host, whether its pid is dead (a live runner may be waiting
+    minutes for the measurement lock); on another host, whether it has been silent for longer than the lease."""
     if not job.claimed_by:
         return True
     host, _, rest = job.claimed_by.partition(":")
     pid = rest.partition(":")[0]
-    if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
-        return True
+    if host == socket.gethostname() and pid.isdigit():
+        return not _pid_alive(int(pid))
     return job.heartbeat_at is None or (utcnow() - job.heartbeat_at).total_seconds() > lease_s
 
 
 def configured_backend(settings: Settings) -> Backend:
     """The settings' backend with the thread count and optimisation level passed to whichever keyword it takes."""
-    from latency_service.backends import backend_class
-
     parameters = inspect.signature(backend_class(settings.backend).__init__).parameters
     options: dict[str, Any] = {}
     for keyword in _THREAD_KEYWORDS:
@@ -321,13 +320,17 @@ class JobWorker:
         if job_id is None:
             return False
         try:
-            run_job(
+            job = run_job(
                 job_id=job_id,
                 device_id=self.device_id,
                 session_factory=self.session_factory,
                 measuring=self.measuring,
                 should_stop=self._stop.is_set,
             )
+            if job.status == "running":
+                # Stopped half-way (shutdown): hand the lease back so the next worker resumes without waiting.
+                with transaction(self.session_factory) as session:
+                    store.release_job(session=session, job_id=job_id)
         except Exception as exc:  # e.g. the backend cannot be created: the job fails with the reason
             logger.exception("job %s failed", job_id)
             _fail_job(self.session_factory, job_id, exc)

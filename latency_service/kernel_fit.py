@@ -26,25 +26,47 @@ METHODS: tuple[str, ...] = ("random_forest", "gradient_boosting", "roofline")
 DEFAULT_METHOD = "random_forest"
 MIN_CLASS_SAMPLES = 8
 PREDICTOR_FORMAT = 1
+PER_WORK_TARGET = True
+
+
+def work_column(kernel_class: str) -> int | None:
+    """The feature a kernel's time is proportional to, to first order: FLOPs for convolutions and GEMMs, else bytes."""
+    names = FEATURE_NAMES[kernel_class]
+    for name in ("flops", "bytes", "numel"):
+        if name in names:
+            return names.index(name)
+    return None
 
 
 @dataclass
 class ClassModel:
-    """One kernel class's regressor; ``log_target`` says the model predicts log(ms)."""
+    """One kernel class's regressor.
+
+    ``log_target``: the model predicts log(ms); with ``work_column`` set it predicts log(ms / (1 + work)) — the
+    time per unit of work, which varies over one decade where the time varies over four, and which extrapolates
+    proportionally to the work beyond the sampled range instead of flattening out as a tree's raw output does.
+    """
 
     model: Any
     log_target: bool
+    work_column: int | None = None
+
+    def _work(self, x: np.ndarray) -> np.ndarray:
+        return 1.0 + x[:, self.work_column] if self.work_column is not None else np.ones(len(x))
 
     def predict_ms(self, x: np.ndarray) -> np.ndarray:
         raw = np.asarray(self.model.predict(x), dtype=np.float64)
-        return np.exp(raw) if self.log_target else np.maximum(raw, 0.0)
+        if not self.log_target:
+            return np.maximum(raw, 0.0)
+        return np.exp(raw) * self._work(np.asarray(x, dtype=np.float64))
 
     def to_json(self) -> dict[str, Any]:
-        return {"model": self.model.to_json(), "log_target": self.log_target}
+        return {"model": self.model.to_json(), "log_target": self.log_target, "work_column": self.work_column}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ClassModel:
-        return cls(load_model(data["model"]), bool(data["log_target"]))
+        column = data.get("work_column")
+        return cls(load_model(data["model"]), bool(data["log_target"]), None if column is None else int(column))
 
 
 @dataclass
@@ -142,8 +164,11 @@ def fit_class_model(x: np.ndarray, y: np.ndarray, kernel_class: str, method: str
         estimator = GradientBoostingRegressor(n_estimators=300, max_depth=4, learning_rate=0.08, random_state=seed)
     else:
         raise ValueError(f"method: must be one of {', '.join(METHODS)}, got {method!r}")
-    estimator.fit(x, np.log(y))
-    return ClassModel(export_model(estimator), log_target=True)
+    column = work_column(kernel_class) if PER_WORK_TARGET else None
+    model = ClassModel(None, log_target=True, work_column=column)
+    estimator.fit(x, np.log(y / model._work(x)))
+    model.model = export_model(estimator)
+    return model
 
 
 def fit_kernel_predictor(

@@ -18,6 +18,7 @@ import json
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -236,13 +237,15 @@ def profile_kernels_in_context(
     seed: int = 0,
     prior: SamplingPrior | None = None,
     networks_out: list[ProfiledNetwork] | None = None,
+    lock: AbstractContextManager[Any] | None = None,
 ) -> list[KernelSample]:
     """Generate and profile networks until ``budget_s`` is spent; return every kernel's reconciled sample.
 
     The first ~60 % of the budget draws networks from the prior; later rounds fit the kernel regressors, find the
     networks whose cross-validated prediction is more than 10 % off, and draw new networks like them.
     ``progress(elapsed_s, budget_s)`` is called after every network.  ``networks_out`` receives the profiled
-    networks (for persistence and for the held-out-network evaluation).
+    networks (for persistence and for the held-out-network evaluation).  ``lock`` (the service's measurement lock)
+    is held around each network's timing only, so that other measurements can interleave between networks.
     """
     from latency_service.kernel_fit import network_errors
 
@@ -250,8 +253,10 @@ def profile_kernels_in_context(
     rng = np.random.default_rng(seed)
     base_prior = prior or SamplingPrior()
     start = time.monotonic()
-    overhead = measure_overhead(backend, config)
-    block = block_size(backend)
+    guard = lock if lock is not None else nullcontext()
+    with guard:
+        overhead = measure_overhead(backend, config)
+        block = block_size(backend)
     networks: list[ProfiledNetwork] = [] if networks_out is None else networks_out
     round_ends = [FIRST_ROUND_SHARE + (1 - FIRST_ROUND_SHARE) * r / (ROUNDS - 1) for r in range(ROUNDS)]
     current_prior = base_prior
@@ -262,15 +267,16 @@ def profile_kernels_in_context(
             draw_prior = _adaptive_prior(bad, rng, base_prior) if use_adaptive else current_prior
             model, description = random_network(rng, draw_prior)
             description["round"] = round_index
-            network = profile_network(
-                backend,
-                model,
-                config,
-                overhead_ms=overhead,
-                block=block,
-                network_id=f"gen-{seed}-{len(networks)}",
-                description=description,
-            )
+            with guard:
+                network = profile_network(
+                    backend,
+                    model,
+                    config,
+                    overhead_ms=overhead,
+                    block=block,
+                    network_id=f"gen-{seed}-{len(networks)}",
+                    description=description,
+                )
             networks.append(network)
             if progress is not None:
                 progress(int(time.monotonic() - start), int(budget_s))

@@ -11,17 +11,27 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import onnx
 from sqlalchemy import delete, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from latency_service import store
 from latency_service.backends.base import Backend
 from latency_service.kernel_fit import DEFAULT_METHOD, KernelPredictor, compare_methods, fit_kernel_predictor
 from latency_service.kernel_models import KernelPredictorRow, KernelSampleRow, ProfiledNetworkRow
-from latency_service.kernel_profiling import KernelSample, ProfiledNetwork, optimise
+from latency_service.db import transaction
+from latency_service.kernel_profiling import (
+    STANDARD_BUDGET_S,
+    KernelSample,
+    ProfiledNetwork,
+    ProgressCallback,
+    block_size,
+    optimise,
+    profile_kernels_in_context,
+)
 from latency_service.measurement import MeasurementConfig, measure
 from predictors.kernels import KernelDecompositionError, decompose, static_shapes
 
@@ -274,6 +284,39 @@ def fit_and_store(
     )
 
 
+def run_in_context_profiling(
+    *,
+    session_factory: sessionmaker[Session],
+    measuring: Any,
+    device_id: str,
+    device_class: str,
+    budget_s: float = STANDARD_BUDGET_S,
+    progress: ProgressCallback | None = None,
+    lock: AbstractContextManager[Any] | None = None,
+) -> KernelPredictorRow:
+    """The ``standard`` preset's whole-model part: profile in context, store samples, fit and store the predictor.
+
+    ``measuring`` is the service's MeasuringSession (backend + protocol).  A rerun replaces the device's samples.
+    """
+    backend = measuring.backend
+    networks: list[ProfiledNetwork] = []
+    profile_kernels_in_context(backend, budget_s=budget_s, progress=progress, networks_out=networks, lock=lock)
+    if not networks:
+        raise RuntimeError(f"in-context profiling produced no network in {budget_s:.0f} s")
+    with transaction(session_factory) as session:
+        clear_kernel_samples(session=session, device_id=device_id)
+        save_profiled_networks(
+            session=session, device_id=device_id, networks=networks, environment=measuring.environment()
+        )
+        return fit_and_store(
+            session=session,
+            device_id=device_id,
+            device_class=device_class,
+            networks=networks,
+            block_size=block_size(backend),
+        )
+
+
 def predictor_summary(row: KernelPredictorRow) -> dict[str, Any]:
     return {"version": row.version, "method": row.method, "created_at": row.created_at.isoformat(), **row.report}
 
@@ -288,6 +331,7 @@ __all__ = [
     "model_sha256",
     "predict_model",
     "predict_with",
+    "run_in_context_profiling",
     "save_profiled_networks",
     "stored_kernel_samples",
     "validate_model",

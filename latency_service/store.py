@@ -288,6 +288,14 @@ def claim_next_job(
     return None
 
 
+def release_job(*, session: Session, job_id: int) -> Job:
+    """Give up the lease of a job that stays unfinished, so that any worker may resume it at once."""
+    job = get_job(session=session, job_id=job_id)
+    job.claimed_by = None
+    session.flush()
+    return job
+
+
 def pending_items(*, session: Session, job_id: int) -> list[JobItem]:
     query = select(JobItem).where(JobItem.job_id == job_id, JobItem.status == "pending").order_by(JobItem.position)
     return list(session.scalars(query))

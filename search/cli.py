@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -189,6 +189,11 @@ def search(
     seed: Annotated[int, typer.Option()] = 0,
     measure: Annotated[bool, typer.Option(help="ask each device to measure and predict the exported model")] = True,
     threads: Annotated[int, typer.Option(min=1, help="torch intra-op threads for training")] = 1,
+    estimator: Annotated[str, typer.Option(help="gate estimator: concrete, hard_concrete or reinforce")] = "concrete",
+    temperature: Annotated[float, typer.Option(help="relaxation temperature of the gates")] = 0.5,
+    temperature_decay: Annotated[float, typer.Option(help="anneal: τ · decay^(step / decay-steps)")] = 1.0,
+    decay_steps: Annotated[int, typer.Option(min=1)] = 1000,
+    straight_through: Annotated[bool, typer.Option(help="hard 0/1 masks forward, relaxed gradient backward")] = False,
 ) -> None:
     """Search a network that meets the latency targets, compact and fine-tune it, export it, check it on the devices."""
     targets = _targets_per_device(device, target_latency_ms)
@@ -196,29 +201,14 @@ def search(
     # loaded 2-core machine ran each step ~10x slower than one.
     torch.set_num_threads(threads)
     with user_errors():
-        bundle = load_dataset(data, seed=seed)
-        if space not in list_spaces():
-            raise ValueError(f"--space: unknown space {space!r}; known: {', '.join(list_spaces())}")
-        supernet = create_space(
-            space, in_channels=bundle.in_channels, num_classes=bundle.num_classes, image_size=bundle.image_size
-        )
-        links = connect_devices(device, token=token)
-        tables = device_tables(links, supernet, count_step=count_step, console=err_console)
-        calibrations = calibrate_devices(links, space, bundle, err_console) if calibrate else {}
-        table_targets = {
-            link.name: calibrations[link.name].to_table(t) if calibrate else t
-            for link, t in zip(links, targets, strict=True)
-        }
-        for name, table_target in table_targets.items():
-            if not table_target > 0:
-                raise ValueError(f"--target-latency-ms: the target for {name} is below what any network here can reach")
+        # Every option is checked before any device is contacted: a typo must not cost a calibration run.
         config = SearchConfig(
             steps=steps,
             batch_size=batch_size,
             optimizer=optimizer,  # type: ignore[arg-type]  # validated in SearchConfig
             lr=lr,
             gate_lr=gate_lr,
-            target_latency_ms=table_targets,
+            target_latency_ms={url: t for url, t in zip(device, targets, strict=True)},
             target_flops=target_flops,
             target_params=target_params,
             penalty=penalty,  # type: ignore[arg-type]
@@ -226,8 +216,38 @@ def search(
             expectation=expectation,  # type: ignore[arg-type]
             seed=seed,
         )
+        if space not in list_spaces():
+            raise ValueError(f"--space: unknown space {space!r}; known: {', '.join(list_spaces())}")
+        gate = GateConfig(
+            estimator=estimator,  # type: ignore[arg-type]  # validated in GateConfig
+            temperature=temperature,
+            decay=temperature_decay,
+            decay_steps=decay_steps,
+            straight_through=straight_through,
+        )
+        if resume and not (out / CHECKPOINT_NAME).is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint in {out}")
+        links = connect_devices(device, token=token)
+        bundle = load_dataset(data, seed=seed)
+        supernet = create_space(space, **_shape(bundle), gate=gate)
+        tables = device_tables(links, supernet, count_step=count_step, console=err_console)
+        calibrations = _calibrations(links, space, bundle, out, resume=resume, enabled=calibrate)
+        table_targets = {}
+        for link, target in zip(links, targets, strict=True):
+            table_target = calibrations[link.name].to_table(target) if calibrate else target
+            if not table_target > 0:
+                raise ValueError(f"--target-latency-ms: {target} ms on {link.name} is below what this space reaches")
+            table_targets[link.name] = table_target
+        config = replace(config, target_latency_ms=table_targets)
         out.mkdir(parents=True, exist_ok=True)
-        meta = {"space": space, "data": data, "seed": seed, "threshold": threshold, **_shape(bundle)}
+        meta = {
+            "space": space,
+            "data": data,
+            "seed": seed,
+            "threshold": threshold,
+            "gate": asdict(gate),
+            **_shape(bundle),
+        }
         result = run_search(config, supernet, bundle, tables, out_dir=out, resume=resume, checkpoint_meta=meta)
     compact, arch = supernet.compact(threshold=threshold)
     if retrain:
@@ -259,6 +279,26 @@ def search(
         _print_device_table(report["devices"])
     (out / "report.json").write_text(json.dumps(report, indent=2))
     console.print(f"wrote {out}/arch.json, model.onnx, model.pt, keep_probabilities.png, trajectory.png, report.json")
+
+
+def _calibrations(
+    links: list[DeviceLink], space: str, bundle: DataBundle, out: Path, *, resume: bool, enabled: bool
+) -> dict[str, LatencyCalibration]:
+    """Calibrate each device, or reuse the calibration a resumed search started with (its targets depend on it)."""
+    if not enabled:
+        return {}
+    path = out / "calibration.json"
+    if resume and path.is_file():
+        stored = json.loads(path.read_text())
+        if set(stored) == {link.name for link in links}:
+            return {
+                name: LatencyCalibration(c["offset_ms"], c["scale"], tuple(map(tuple, c["points"])))
+                for name, c in stored.items()
+            }
+    calibrations = calibrate_devices(links, space, bundle, err_console)
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({name: asdict(c) for name, c in calibrations.items()}, indent=2))
+    return calibrations
 
 
 def _shape(bundle: DataBundle) -> dict[str, int]:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from search.gates import GateConfig
 from search.service_client import DeviceService, TableLayer
 from search.spaces.base import SearchSpace, create_space
 
@@ -89,7 +90,7 @@ def load_checkpoint_space(checkpoint: Path | str) -> tuple[SearchSpace, dict[str
         in_channels=meta["in_channels"],
         num_classes=meta["num_classes"],
         image_size=meta["image_size"],
-        **meta.get("space_kwargs", {}),
+        gate=GateConfig(**meta.get("gate", {})),
     )
     space.load_state_dict(state["space"])
     space.eval()

@@ -69,6 +69,24 @@ class GateConfig:
         return max(self.min_temperature, self.temperature * self.decay ** (step / self.decay_steps))
 
 
+class _StraightThrough(torch.autograd.Function):
+    """Forward the exact hard mask, backward the relaxed mask's gradient (``hard + soft - soft.detach()`` is off
+    by one ulp in float32, so compacted and supernet outputs would not match bit for bit)."""
+
+    @staticmethod
+    def forward(ctx: object, hard: Tensor, soft: Tensor) -> Tensor:
+        return hard.clone()
+
+    @staticmethod
+    def backward(ctx: object, grad: Tensor) -> tuple[None, Tensor]:
+        return None, grad
+
+
+def straight_through(hard: Tensor, soft: Tensor) -> Tensor:
+    out: Tensor = _StraightThrough.apply(hard, soft)
+    return out
+
+
 def logistic_noise(shape: tuple[int, ...], *, device: torch.device, dtype: torch.dtype) -> Tensor:
     u = torch.rand(shape, device=device, dtype=dtype).clamp(_UNIFORM_EPS, 1 - _UNIFORM_EPS)
     return torch.log(u) - torch.log1p(-u)
@@ -160,13 +178,13 @@ class _Sampled(nn.Module):
         elif estimator == "concrete":
             mask = torch.sigmoid((logits + noise) / self.temperature)
             if self.config.straight_through:
-                mask = (logits + noise > 0).to(mask.dtype) + mask - mask.detach()
+                mask = straight_through((logits + noise > 0).to(mask.dtype), mask)
         else:
             stretched = torch.sigmoid((logits + noise) / HARD_CONCRETE_BETA)
             stretched = stretched * (HARD_CONCRETE_ZETA - HARD_CONCRETE_GAMMA) + HARD_CONCRETE_GAMMA
             mask = stretched.clamp(0.0, 1.0)
             if self.config.straight_through:
-                mask = (mask > 0.5).to(mask.dtype) + mask - mask.detach()
+                mask = straight_through((mask > 0.5).to(mask.dtype), mask)
         pinned = self._pinned()
         if pinned is not None:
             mask = torch.where(pinned, torch.ones_like(mask), mask)

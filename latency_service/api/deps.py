@@ -85,7 +85,7 @@ def require_token(
     if settings.token is None:
         return
     supplied = credentials.credentials if credentials is not None else ""
-    if not secrets.compare_digest(supplied.encode(), settings.token.encode()):
+    if not secrets.compare_digest(supplied.encode(), settings.token.get_secret_value().encode()):
         raise HTTPException(
             status_code=status.HTTP_401_UNAUTHORIZED,
             detail="missing or wrong bearer token",

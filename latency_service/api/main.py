@@ -21,6 +21,7 @@ from latency_service.api.routes import (
     models,
     predict,
     predictors,
+    presets,
     tables,
 )
 from latency_service.backends import BackendUnavailable
@@ -154,6 +155,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(health.router)
     guarded = [Depends(require_token)]
-    for module in (device, backends, jobs, measurements, predictors, predict, tables, models):
+    for module in (device, backends, jobs, measurements, predictors, predict, tables, presets, models):
         app.include_router(module.router, dependencies=guarded)
     return app

@@ -127,7 +127,7 @@ def test_int8_artefact_for_the_compiler_is_full_integer() -> None:
     assert all(graph.Tensors(i).Type() not in float_types for i in range(graph.TensorsLength()))
     assert all(graph.Tensors(i).Quantization() is not None for i in range(graph.TensorsLength()))
     grouped = op_from_dict({"op": "conv2d", "cin": 16, "cout": 32, "hw": 8, "k": 3, "groups": 4})
-    with pytest.raises(UnsupportedForTFLite, match="^groups:"):
+    with pytest.raises(UnsupportedForTFLite, match=r"^groups:"):
         build_op_tflite(grouped, int8=True, allow_grouped_conv=False)
 
 

@@ -18,7 +18,7 @@ def test_unavailable_names_what_is_missing_everywhere_it_is_reported() -> None:
     assert "tensorrt" in status.reason or "CUDA device" in status.reason
     listed = next(s for s in backend_statuses() if s.name == "tensorrt")
     assert listed == status
-    with pytest.raises(BackendUnavailable, match="^tensorrt: "):
+    with pytest.raises(BackendUnavailable, match=r"^tensorrt: "):
         create_backend("tensorrt", precision="fp16")
 
 

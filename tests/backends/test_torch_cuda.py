@@ -54,7 +54,8 @@ def test_channel_shuffle_interleaves_groups() -> None:
 def test_importing_the_backend_does_not_import_torch() -> None:
     import subprocess
 
-    code = "import sys, latency_service.backends.torch_cuda, latency_service.backends.tensorrt; print('torch' in sys.modules)"
+    modules = "latency_service.backends.torch_cuda, latency_service.backends.tensorrt"
+    code = f"import sys, {modules}; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
 
@@ -81,5 +82,5 @@ def test_cuda_events_time_variants_on_the_gpu(precision: str) -> None:
     medians = [measure(backend.prepare_op(op), config).median_ms for op in (small, large)]
     assert 0 < medians[0] < medians[1]
     assert backend.environment()["gpu"]
-    with pytest.raises(ValueError, match="^model:"):
+    with pytest.raises(ValueError, match=r"^model:"):
         backend.prepare_model(b"\x08\x07")

@@ -51,13 +51,15 @@ class RunningService:
     process: subprocess.Popen[bytes]
 
 
-def _start(tmp: Path, name: str, min_time_s: float = MIN_TIME_S) -> RunningService:
+def _start(
+    tmp: Path, name: str, min_time_s: float = MIN_TIME_S, *, db_url: str | None = None, device_class: str = ""
+) -> RunningService:
     port = _free_port()
     db_path = tmp / f"{name}.db"
     env = {
         **os.environ,
         "FIGS_DEVICE_ID": f"farm-{name}",
-        "FIGS_DEVICE_CLASS": "farm-test-cpu",
+        "FIGS_DEVICE_CLASS": device_class or "farm-test-cpu",
         "FIGS_MIN_TIME_S": str(min_time_s),
         "FIGS_MAX_TIME_S": str(min_time_s + 0.2),
         "FIGS_WARMUP_S": "0.02",
@@ -66,7 +68,16 @@ def _start(tmp: Path, name: str, min_time_s: float = MIN_TIME_S) -> RunningServi
         "FIGS_MAX_RUNS": "100000000",
     }
     command = [sys.executable, "-m", "latency_service", "serve", "--backend", "onnxruntime", "--port", str(port)]
-    command += ["--db", f"sqlite:///{db_path}", "--token", TOKEN, "--data-dir", str(tmp / name), "--log-level", "warning"]
+    command += [
+        "--db",
+        f"sqlite:///{db_path}",
+        "--token",
+        TOKEN,
+        "--data-dir",
+        str(tmp / name),
+        "--log-level",
+        "warning",
+    ]
     log = (tmp / f"{name}.log").open("wb")
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     return RunningService(url=f"http://127.0.0.1:{port}", db_path=db_path, process=process)
@@ -167,6 +178,30 @@ def test_bad_op_in_file_is_named(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.postgres
+def test_shared_postgres_store_fits_per_class_from_every_device(
+    postgres_server: PostgresServer, tmp_path: Path
+) -> None:
+    """Two devices of one class write to one PostgreSQL store; a fit on either uses both devices' measurements."""
+    url = postgres_server.fresh_database()
+    services = [_start(tmp_path, name, db_url=url, device_class="farm-pg-class") for name in ("pg1", "pg2")]
+    try:
+        for service in services:
+            _wait_healthy(service)
+        members = [probe(Service(url=s.url, token=TOKEN)) for s in services]
+        ops = [op_from_dict(spec) for spec in GRID[:6]]
+        result = shard_and_wait(members, ops, poll_s=POLL_S, show_progress=False)
+        assert sorted(len(keys) for keys in result.measured_by.values()) == [3, 3]
+        fit = httpx.post(f"{services[0].url}/v1/predictors/fit", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert fit.status_code == 200, fit.text
+        assert fit.json()["samples"] == 6  # three measured here, three on the other device of the class
+    finally:
+        for service in services:
+            service.process.send_signal(signal.SIGTERM)
+            service.process.wait(timeout=15)
+
+
+@pytest.mark.slow
 def test_killed_service_share_is_reassigned_and_measured_exactly_once(farm: list[RunningService]) -> None:
     ops: list[OpSpec] = [op_from_dict(spec) for spec in GRID]
     victim = farm[0]
@@ -188,9 +223,7 @@ def test_killed_service_share_is_reassigned_and_measured_exactly_once(farm: list
         else:
             victim.process.send_signal(signal.SIGCONT)
 
-    result = shard_and_wait(
-        members, ops, poll_s=POLL_S, down_after=2, observer=kill_mid_job, show_progress=False
-    )
+    result = shard_and_wait(members, ops, poll_s=POLL_S, down_after=2, observer=kill_mid_job, show_progress=False)
 
     assert victim.process.returncode == -signal.SIGKILL
     assert result.down == [victim.url]

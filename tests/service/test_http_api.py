@@ -14,6 +14,7 @@ from latency_helpers import FAST_MEASUREMENT_ENV
 
 from latency_service.api.main import create_app
 from latency_service.config import Settings
+from latency_service.presets import preset_ops
 from predictors.fitting import LatencyPredictor
 from predictors.ops import Conv2d, op_from_dict
 
@@ -68,6 +69,15 @@ def test_health_device_and_backends(client: TestClient) -> None:
     backends = {b["name"]: b for b in client.get("/v1/backends").json()}
     assert backends["onnxruntime"]["available"] is True
     assert all(b["reason"] for b in backends.values() if not b["available"])
+
+
+def test_presets_are_served(client: TestClient) -> None:
+    listed = {p["name"]: p for p in client.get("/v1/presets").json()}
+    assert {"smoke", "standard"} <= set(listed)
+    smoke = client.get("/v1/presets/smoke").json()
+    assert len(smoke["ops"]) == listed["smoke"]["variants"]
+    assert [op_from_dict(op).key for op in smoke["ops"]] == [op.key for op in preset_ops("smoke")]
+    assert client.get("/v1/presets/enormous").status_code == 404
 
 
 def field_error(response: Any) -> list[Any]:

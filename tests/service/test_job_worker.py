@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -25,7 +25,7 @@ from latency_service.jobs import (
     run_job,
     run_job_inline,
 )
-from latency_service.models import Measurement
+from latency_service.models import Job, Measurement
 from predictors.ops import Conv2d, OpSpec, op_from_dict
 
 DEVICE = "test-device"
@@ -256,3 +256,35 @@ def test_measurement_lock_excludes_other_processes(settings: Settings, tmp_path:
         process.wait(10)
         MEASUREMENT_LOCK.configure(settings.measure_lock_path)
     assert waited > 0.5, "the lock did not wait for the other process"
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
+
+
+def test_graceful_stop_hands_the_job_to_the_next_worker(settings: Settings, factory: sessionmaker[Session]) -> None:
+    ops: list[OpSpec] = [Conv2d(cin=4, cout=c, hw=8) for c in range(1, 25)]
+    job_id = make_job(factory, ops)
+
+    def progress() -> Job:
+        with transaction(factory) as session:
+            return store.job_progress(session=session, job_id=job_id)
+
+    first = JobWorker(device_id=DEVICE, session_factory=factory, measuring=MeasuringSession(settings))
+    first.start()
+    wait_until(lambda: progress().done >= 2)
+    first.stop()
+    stopped = progress()
+    assert stopped.status == "running" and stopped.claimed_by is None and stopped.done < len(ops)
+
+    second = JobWorker(device_id=DEVICE, session_factory=factory, measuring=MeasuringSession(settings))
+    second.start()
+    try:
+        wait_until(lambda: progress().status == "done")
+    finally:
+        second.stop()
+    keys = [row.variant_key for row in measurements(factory)]
+    assert len(keys) == len(ops) == len(set(keys))
