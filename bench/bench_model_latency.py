@@ -23,21 +23,23 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from latency_service.backends.onnxruntime import OnnxRuntimeBackend  # noqa: E402
-from latency_service.kernel_fit import KernelPredictor, compare_methods, fit_kernel_predictor  # noqa: E402
-from latency_service.kernel_profiling import (  # noqa: E402
+from latency_service.backends.onnxruntime import OnnxRuntimeBackend
+from latency_service.kernel_fit import KernelPredictor, compare_methods, fit_kernel_predictor
+from latency_service.kernel_profiling import (
     STANDARD_BUDGET_S,
     ProfiledNetwork,
     block_size,
     profile_kernels_in_context,
+    reconcile_networks,
 )
-from latency_service.measurement import MeasurementConfig, measure  # noqa: E402
-from latency_service.model_latency import predict_with  # noqa: E402
+from latency_service.measurement import MeasurementConfig, measure
+from latency_service.model_latency import predict_with
 
 NAIVE_CONFIG = MeasurementConfig(warmup_runs=3, warmup_s=0.02, min_runs=15, min_time_s=0.08, max_time_s=0.5)
 
@@ -72,8 +74,14 @@ def _layer_specs(model: object, resolution: int) -> list[dict]:
     from torch import nn
 
     assert isinstance(model, nn.Module)
-    acts = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Hardswish: "hardswish", nn.Hardsigmoid: "hardsigmoid",
-            nn.Sigmoid: "sigmoid", nn.SiLU: "silu"}  # fmt: skip
+    acts = {
+        nn.ReLU: "relu",
+        nn.ReLU6: "relu6",
+        nn.Hardswish: "hardswish",
+        nn.Hardsigmoid: "hardsigmoid",
+        nn.Sigmoid: "sigmoid",
+        nn.SiLU: "silu",
+    }
     order: list[tuple[nn.Module, tuple[int, ...]]] = []
     hooks = [
         m.register_forward_hook(lambda mod, inp, out: order.append((mod, tuple(inp[0].shape))))
@@ -89,8 +97,15 @@ def _layer_specs(model: object, resolution: int) -> list[dict]:
     while i < len(order):
         module, shape = order[i]
         if isinstance(module, nn.Conv2d):
-            spec = {"op": "conv2d", "cin": module.in_channels, "cout": module.out_channels, "hw": shape[-1],
-                    "k": module.kernel_size[0], "stride": module.stride[0], "groups": module.groups}  # fmt: skip
+            spec = {
+                "op": "conv2d",
+                "cin": module.in_channels,
+                "cout": module.out_channels,
+                "hw": shape[-1],
+                "k": module.kernel_size[0],
+                "stride": module.stride[0],
+                "groups": module.groups,
+            }
             if i + 1 < len(order) and isinstance(order[i + 1][0], nn.BatchNorm2d):
                 spec["bn"] = True
                 i += 1
@@ -104,13 +119,24 @@ def _layer_specs(model: object, resolution: int) -> list[dict]:
             specs.append({"op": "batchnorm", "c": shape[1], "hw": shape[-1]})
         elif type(module) in acts and len(shape) == 4:
             specs.append({"op": acts[type(module)], "c": shape[1], "hw": shape[-1]})
-        elif isinstance(module, nn.MaxPool2d | nn.AvgPool2d) and module.kernel_size <= shape[-1]:
+        elif isinstance(module, nn.MaxPool2d | nn.AvgPool2d):
+            k = module.kernel_size if isinstance(module.kernel_size, int) else module.kernel_size[0]
+            stride = module.stride if isinstance(module.stride, int) else module.stride[0]
             kind = "maxpool" if isinstance(module, nn.MaxPool2d) else "avgpool"
-            specs.append({"op": kind, "c": shape[1], "hw": shape[-1], "k": module.kernel_size, "stride": module.stride})
+            if k <= shape[-1]:
+                specs.append({"op": kind, "c": shape[1], "hw": shape[-1], "k": k, "stride": stride})
         elif isinstance(module, nn.AdaptiveAvgPool2d):
             specs.append({"op": "global_avgpool", "c": shape[1], "hw": shape[-1]})
         i += 1
     return specs
+
+
+def measure_model_bytes(backend: OnnxRuntimeBackend, model_bytes: bytes, config: MeasurementConfig) -> Any:
+    runnable = backend.prepare_model(model_bytes)
+    try:
+        return measure(runnable, config)
+    finally:
+        runnable.close()
 
 
 def naive_layer_sum(backend: OnnxRuntimeBackend, specs: list[dict], cache: dict[str, float]) -> float:
@@ -133,19 +159,39 @@ def naive_layer_sum(backend: OnnxRuntimeBackend, specs: list[dict], cache: dict[
     return total
 
 
-def fit_state(backend: OnnxRuntimeBackend, budget_s: float, seed: int) -> tuple[KernelPredictor, dict]:
+def fit_state(
+    backend: OnnxRuntimeBackend, budget_s: float, seed: int, networks_file: Path | None
+) -> tuple[KernelPredictor, dict]:
+    """Profile (or reload a previous run's profiled networks), compare regressors, fit the winner."""
     networks: list[ProfiledNetwork] = []
     start = time.monotonic()
-    samples = profile_kernels_in_context(backend, budget_s=budget_s, seed=seed, networks_out=networks)
-    profiling_s = time.monotonic() - start
+    if networks_file is not None and networks_file.exists():
+        saved = json.loads(networks_file.read_text())
+        networks = [ProfiledNetwork.from_json(n) for n in saved["networks"]]
+        reconcile_networks(networks)
+        profiling_s = float(saved["profiling_s"])
+    else:
+        profile_kernels_in_context(backend, budget_s=budget_s, seed=seed, networks_out=networks)
+        profiling_s = time.monotonic() - start
+        if networks_file is not None:
+            payload = {"profiling_s": profiling_s, "networks": [n.to_json() for n in networks]}
+            networks_file.write_text(json.dumps(payload))
+    start = time.monotonic()
+    samples = [s for n in networks for s in n.samples()]
     comparison = compare_methods(networks)
     method = max(comparison, key=lambda r: (r["network_within_10pct"], -r["network_rmspe"]))["method"]
     overhead = float(np.median([n.overhead_ms for n in networks]))
     predictor = fit_kernel_predictor(samples, overhead_ms=overhead, block_size=block_size(backend), method=method)
-    fit_s = time.monotonic() - start - profiling_s
-    info = {"profiling_s": profiling_s, "fit_s": fit_s, "networks": len(networks), "samples": len(samples),
-            "comparison": comparison, "method": method,
-            "wall_trusted": float(np.mean([n.wall_trusted for n in networks]))}  # fmt: skip
+    fit_s = time.monotonic() - start
+    info = {
+        "profiling_s": profiling_s,
+        "fit_s": fit_s,
+        "networks": len(networks),
+        "samples": len(samples),
+        "comparison": comparison,
+        "method": method,
+        "wall_trusted": float(np.mean([n.wall_trusted for n in networks])),
+    }
     return predictor, info
 
 
@@ -160,15 +206,17 @@ def report(rows: list[dict], info: dict, args: argparse.Namespace, elapsed: dict
     lines = [
         "# Whole-model latency: predicted vs measured",
         "",
-        f"- date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; machine: {platform.processor() or platform.machine()}"
-        f", {os.cpu_count()} cores, load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}",
+        f"- date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; machine: "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}",
         f"- command: `python bench/bench_model_latency.py {' '.join(sys.argv[1:])}`",
         f"- models: {len(rows)} ONNX files ({len({r['index'] for r in rows})} networks × both exporters), none used "
         f"for fitting; onnxruntime 1 thread, ORT_ENABLE_ALL",
         f"- in-context profiling (the `standard` preset's part): {info['profiling_s']:.0f} s, {info['networks']} "
         f"networks, {info['samples']} kernel samples, walls credible for {100 * info['wall_trusted']:.0f} %; "
         f"regressor fit {info['fit_s']:.0f} s; kept: **{info['method']}**",
-        f"- times: export {elapsed['export']:.0f} s, measure+predict+naive {elapsed['evaluate']:.0f} s",
+        f"- times: export {elapsed['export']:.0f} s, measure+predict+naive {elapsed['evaluate']:.0f} s; every model "
+        "measured twice (two passes) with the service protocol, the lower median kept",
         "",
         "| predictor | within ±5 % | within ±10 % | RMSPE | median abs error |",
         "|---|---|---|---|---|",
@@ -187,24 +235,35 @@ def report(rows: list[dict], info: dict, args: argparse.Namespace, elapsed: dict
             f"| {c['method']} | {100 * c['network_within_10pct']:.1f} % | {100 * c['network_within_5pct']:.1f} % | "
             f"{100 * c['network_rmspe']:.1f} % | {100 * c['kernel_mape']:.1f} % |"
         )
-    lines += ["", "Per family (both exporters):", "", "| family | n | within ±10 % | RMSPE | mean error | naive mean error |",
-              "|---|---|---|---|---|---|"]  # fmt: skip
+    header = "| family | n | within ±10 % | RMSPE | mean error | naive mean error |"
+    lines += ["", "Per family (both exporters):", "", header, "|---|---|---|---|---|---|"]
     for family in sorted({r["family"] for r in rows}):
         sel = [i for i, r in enumerate(rows) if r["family"] == family]
         e, ne = err[sel], naive[sel]
-        lines.append(f"| {family} | {len(sel)} | {_pct(e, 0.10)} | {100 * np.sqrt(np.mean(e**2)):.1f} % | "
-                     f"{100 * np.mean(e):+.1f} % | {100 * np.mean(ne):+.1f} % |")  # fmt: skip
+        lines.append(
+            f"| {family} | {len(sel)} | {_pct(e, 0.10)} | {100 * np.sqrt(np.mean(e**2)):.1f} % | "
+            f"{100 * np.mean(e):+.1f} % | {100 * np.mean(ne):+.1f} % |"
+        )
     for exporter in ("torchscript", "dynamo"):
         sel = [i for i, r in enumerate(rows) if r["exporter"] == exporter]
-        lines.append(f"| *all {exporter}* | {len(sel)} | {_pct(err[sel], 0.10)} | "
-                     f"{100 * np.sqrt(np.mean(err[sel] ** 2)):.1f} % | {100 * np.mean(err[sel]):+.1f} % | "
-                     f"{100 * np.mean(naive[sel]):+.1f} % |")  # fmt: skip
-    lines += ["", "Worst five:", "", "| model | resolution | measured ms | predicted ms | error | unmodelled |",
-              "|---|---|---|---|---|---|"]  # fmt: skip
+        lines.append(
+            f"| *all {exporter}* | {len(sel)} | {_pct(err[sel], 0.10)} | "
+            f"{100 * np.sqrt(np.mean(err[sel] ** 2)):.1f} % | {100 * np.mean(err[sel]):+.1f} % | "
+            f"{100 * np.mean(naive[sel]):+.1f} % |"
+        )
+    lines += [
+        "",
+        "Worst five:",
+        "",
+        "| model | resolution | measured ms | predicted ms | error | unmodelled |",
+        "|---|---|---|---|---|---|",
+    ]
     for i in np.argsort(-np.abs(err))[:5]:
         r = rows[i]
-        lines.append(f"| {r['path'].name} | {r['resolution']} | {r['measured_ms']:.3f} | {r['predicted_ms']:.3f} | "
-                     f"{100 * err[i]:+.1f} % | {r['unmodelled']} |")  # fmt: skip
+        lines.append(
+            f"| {r['path'].name} | {r['resolution']} | {r['measured_ms']:.3f} | {r['predicted_ms']:.3f} | "
+            f"{100 * err[i]:+.1f} % | {r['unmodelled']} |"
+        )
     unmodelled = sum(r["unmodelled"] for r in rows)
     lines += ["", f"Unmodelled kernels over all models: {unmodelled}."]
     return "\n".join(lines) + "\n"
@@ -216,6 +275,7 @@ def main() -> int:
     parser.add_argument("--cache", type=Path, default=Path("/tmp/figs-bench-models"))
     parser.add_argument("--budget-s", type=float, default=STANDARD_BUDGET_S, help="in-context profiling budget")
     parser.add_argument("--seed", type=int, default=2026)
+    parser.add_argument("--networks", type=Path, default=None, help="save (or reuse) the profiled networks here")
     parser.add_argument("--out", type=Path, default=None, help="write the Markdown report here too")
     parser.add_argument("--rows", type=Path, default=None, help="write per-model JSON rows here")
     args = parser.parse_args()
@@ -224,25 +284,37 @@ def main() -> int:
     start = time.monotonic()
     entries = export_models(args.models, args.cache, args.seed)
     elapsed["export"] = time.monotonic() - start
-    predictor, info = fit_state(backend, args.budget_s, seed=args.seed % 1000)
+    predictor, info = fit_state(backend, args.budget_s, args.seed % 1000, args.networks)
     start = time.monotonic()
     config = MeasurementConfig()
     naive_cache: dict[str, float] = {}
     rows = []
     for entry in entries:
         model_bytes = entry["path"].read_bytes()
-        runnable = backend.prepare_model(model_bytes)
-        try:
-            stats = measure(runnable, config, overhead_ms=predictor.overhead_ms)
-        finally:
-            runnable.close()
+        stats = measure_model_bytes(backend, model_bytes, config)
         prediction = predict_with(predictor, backend, model_bytes)
         naive = naive_layer_sum(backend, entry["layers"], naive_cache)
-        rows.append({**entry, "measured_ms": stats.median_ms, "flagged": stats.flagged,
-                     "predicted_ms": prediction["total_ms"], "naive_ms": naive,
-                     "unmodelled": len(prediction["unmodelled"])})  # fmt: skip
-        print(f"{entry['path'].name}: measured {stats.median_ms:.3f} predicted {prediction['total_ms']:.3f} "
-              f"naive {naive:.3f}", flush=True)  # fmt: skip
+        rows.append(
+            {
+                **entry,
+                "measured_ms": stats.median_ms,
+                "flagged": stats.flagged,
+                "predicted_ms": prediction["total_ms"],
+                "naive_ms": naive,
+                "unmodelled": len(prediction["unmodelled"]),
+            }
+        )
+        print(
+            f"{entry['path'].name}: measured {stats.median_ms:.3f} predicted {prediction['total_ms']:.3f} "
+            f"naive {naive:.3f}",
+            flush=True,
+        )
+    # A second pass, later in time, over every model (chosen without looking at predictions): on a shared CPU a
+    # median taken while another process held the core is the other process's number, not the model's.
+    for row in rows:
+        again = measure_model_bytes(backend, row["path"].read_bytes(), config)
+        row["measured_first_ms"] = row["measured_ms"]
+        row["measured_ms"] = min(row["measured_ms"], again.median_ms)
     elapsed["evaluate"] = time.monotonic() - start
     text = report(rows, info, args, elapsed)
     print(text)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import subprocess
 import sys
@@ -92,6 +93,7 @@ def _report(
         ("date (UTC)", time.strftime("%Y-%m-%d %H:%M", time.gmtime())),
         ("host", f"{host['cpu_model']}, {host['logical_cores']} logical cores, governor {host['governor']}"),
         ("backend", f"onnxruntime, {args.threads} intra-op thread(s), optimization all, cores {args.cores or 'all'}"),
+        ("load average (1 min) at start / end", f"{args.load_start} / {_load_average()}"),
         ("variants measured (per pass)", f"{len(first)} of {n_preset} in `{args.preset}`"),
         ("throughput, pass 1 / pass 2", " / ".join(f"{v:.0f} variants/min" for v in per_minute)),
         ("projected whole preset", f"{n_preset / np.mean(per_minute):.1f} min"),
@@ -122,6 +124,11 @@ def _report(
     return "\n".join(lines)
 
 
+def _load_average() -> str:
+    # Other processes on the host are the main source of cross-run differences: record how busy it was.
+    return f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "n/a"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="standard")
@@ -136,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         run_worker(args.worker, args.threads, cores)
         return 0
+    args.load_start = _load_average()
     n_preset = len(preset_ops(args.preset))
     ops = _sample(args.preset, args.sample, args.seed)
     with tempfile.TemporaryDirectory() as tmp:

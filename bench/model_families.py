@@ -25,7 +25,9 @@ def _act(name: str) -> nn.Module:
     return {"relu": nn.ReLU(), "relu6": nn.ReLU6(), "hardswish": nn.Hardswish(), "silu": nn.SiLU()}[name]
 
 
-def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1, act: str | None = "relu") -> nn.Sequential:
+def conv_bn(
+    cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1, act: str | None = "relu"
+) -> nn.Sequential:
     layers: list[nn.Module] = [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
     if act is not None:
         layers.append(_act(act))
@@ -50,11 +52,21 @@ class InvertedResidual(nn.Module):
         super().__init__()
         hidden = make_divisible(cin * expand)
         layers: list[nn.Module] = [conv_bn(cin, hidden, 1, act=act)] if expand != 1 else []
-        layers.append(conv_bn(hidden if expand != 1 else cin, hidden if expand != 1 else cin, k, stride,
-                              groups=hidden if expand != 1 else cin, act=act))  # fmt: skip
+        layers.append(
+            conv_bn(
+                hidden if expand != 1 else cin,
+                hidden if expand != 1 else cin,
+                k,
+                stride,
+                groups=hidden if expand != 1 else cin,
+                act=act,
+            )
+        )
         width = hidden if expand != 1 else cin
         if se is not None:
-            layers.append(SqueezeExcite(width, make_divisible(width / 4), "relu" if se == "hardsigmoid" else "silu", se))
+            layers.append(
+                SqueezeExcite(width, make_divisible(width / 4), "relu" if se == "hardsigmoid" else "silu", se)
+            )
         layers.append(conv_bn(width, cout, 1, act=None))
         self.block = nn.Sequential(*layers)
         self.residual = stride == 1 and cin == cout
@@ -72,7 +84,9 @@ def _head(c: int, classes: int, hidden: int | None = None, act: str = "relu") ->
     return nn.Sequential(*layers)
 
 
-def mobilenet(rng: np.random.Generator, *, v3: bool = False, mnasnet: bool = False, efficient: bool = False) -> nn.Module:
+def mobilenet(
+    rng: np.random.Generator, *, v3: bool = False, mnasnet: bool = False, efficient: bool = False
+) -> nn.Module:
     width = float(rng.choice([0.35, 0.5, 0.75, 1.0]))
     stages = [(16, 1, 1, 3), (24, 2, 2, 3), (40, 2, 3, 5), (80, 2, 3, 3), (112, 1, 2, 5), (160, 2, 2, 5)]
     stem = make_divisible(16 * width if v3 else 32 * width)
@@ -85,8 +99,11 @@ def mobilenet(rng: np.random.Generator, *, v3: bool = False, mnasnet: bool = Fal
             expand = 1 if i == 0 else int(rng.choice([3, 4, 6]))
             kernel = int(rng.choice([3, 5, 7])) if (mnasnet or efficient) else (k if v3 else 3)
             se = ("hardsigmoid" if v3 else "sigmoid") if (v3 or efficient) and rng.random() < 0.6 else None
-            layers.append(InvertedResidual(cin, cout, stride if d == 0 else 1, expand, kernel,
-                                           act if (i > 1 or not v3) else "relu", se))  # fmt: skip
+            layers.append(
+                InvertedResidual(
+                    cin, cout, stride if d == 0 else 1, expand, kernel, act if (i > 1 or not v3) else "relu", se
+                )
+            )
             cin = cout
     last = make_divisible(cin * 6)
     layers.append(conv_bn(cin, last, 1, act=act))
@@ -103,9 +120,10 @@ class ShuffleUnit(nn.Module):
             self.left = nn.Sequential(conv_bn(cin, cin, 3, stride, groups=cin, act=None), conv_bn(cin, branch, 1))
         right_in = cin if stride > 1 else cin // 2
         self.right = nn.Sequential(
-            conv_bn(right_in, branch, 1), conv_bn(branch, branch, 3, stride, groups=branch, act=None),
+            conv_bn(right_in, branch, 1),
+            conv_bn(branch, branch, 3, stride, groups=branch, act=None),
             conv_bn(branch, branch, 1),
-        )  # fmt: skip
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride == 1:
@@ -121,7 +139,9 @@ def shufflenet(rng: np.random.Generator) -> nn.Module:
     widths = {0.5: (48, 96, 192), 1.0: (116, 232, 464), 1.5: (176, 352, 704)}[float(rng.choice([0.5, 1.0, 1.5]))]
     layers: list[nn.Module] = [conv_bn(3, 24, 3, 2), nn.MaxPool2d(3, 2, 1)]
     cin = 24
-    for c, depth in zip(widths, (int(rng.integers(2, 5)), int(rng.integers(3, 8)), int(rng.integers(2, 5))), strict=True):
+    for c, depth in zip(
+        widths, (int(rng.integers(2, 5)), int(rng.integers(3, 8)), int(rng.integers(2, 5))), strict=True
+    ):
         for d in range(depth):
             layers.append(ShuffleUnit(cin, c, 2 if d == 0 else 1))
             cin = c
@@ -134,8 +154,9 @@ class ResidualBlock(nn.Module):
         super().__init__()
         if bottleneck:
             mid = width or cout // 4
-            self.body = nn.Sequential(conv_bn(cin, mid, 1), conv_bn(mid, mid, 3, stride, groups=groups),
-                                      conv_bn(mid, cout, 1, act=None))  # fmt: skip
+            self.body = nn.Sequential(
+                conv_bn(cin, mid, 1), conv_bn(mid, mid, 3, stride, groups=groups), conv_bn(mid, cout, 1, act=None)
+            )
         else:
             self.body = nn.Sequential(conv_bn(cin, cout, 3, stride), conv_bn(cout, cout, 3, act=None))
         self.shortcut = nn.Identity() if stride == 1 and cin == cout else conv_bn(cin, cout, 1, stride, act=None)
@@ -224,9 +245,14 @@ def inception(rng: np.random.Generator) -> nn.Module:
 class DenseLayer(nn.Module):
     def __init__(self, cin: int, growth: int) -> None:
         super().__init__()
-        self.body = nn.Sequential(nn.BatchNorm2d(cin), nn.ReLU(), nn.Conv2d(cin, 4 * growth, 1, bias=False),
-                                  nn.BatchNorm2d(4 * growth), nn.ReLU(), nn.Conv2d(4 * growth, growth, 3, padding=1,
-                                  bias=False))  # fmt: skip
+        self.body = nn.Sequential(
+            nn.BatchNorm2d(cin),
+            nn.ReLU(),
+            nn.Conv2d(cin, 4 * growth, 1, bias=False),
+            nn.BatchNorm2d(4 * growth),
+            nn.ReLU(),
+            nn.Conv2d(4 * growth, growth, 3, padding=1, bias=False),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([x, self.body(x)], 1)
@@ -250,25 +276,41 @@ def densenet(rng: np.random.Generator) -> nn.Module:
 def vgg(rng: np.random.Generator, resolution: int) -> nn.Module:
     base = int(rng.choice([16, 32, 48, 64]))
     layers: list[nn.Module] = []
-    cin, hw = 3, resolution
+    cin, _hw = 3, resolution
     alexnet = rng.random() < 0.3
     if alexnet:
-        layers += [nn.Conv2d(3, base, 11 if resolution >= 128 else 5, 4 if resolution >= 128 else 2, 2), nn.ReLU(),
-                   nn.MaxPool2d(3, 2)]  # fmt: skip
+        layers += [
+            nn.Conv2d(3, base, 11 if resolution >= 128 else 5, 4 if resolution >= 128 else 2, 2),
+            nn.ReLU(),
+            nn.MaxPool2d(3, 2),
+        ]
         cin = base
+    with torch.no_grad():
+        hw = nn.Sequential(*layers)(torch.zeros(1, 3, resolution, resolution)).shape[-1] if layers else resolution
     for i in range(int(rng.integers(3, 6))):
+        if hw < 4:
+            break
         cout = min(base * 2**i, 512)
         for _ in range(int(rng.integers(1, 3))):
             layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU()]
             cin = cout
         layers.append(nn.MaxPool2d(2, 2))
+        hw //= 2
     with torch.no_grad():
         final_hw = nn.Sequential(*layers)(torch.zeros(1, 3, resolution, resolution)).shape[-1]
     # The TorchScript exporter only takes adaptive pools whose output size divides the input.
     pooled = 2 if final_hw % 2 == 0 else 1
     hidden = int(rng.choice([512, 1024, 2048]))
-    layers += [nn.AdaptiveAvgPool2d(pooled), nn.Flatten(), nn.Linear(cin * pooled * pooled, hidden), nn.ReLU(),
-               nn.Dropout(0.5), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, int(rng.integers(10, 1001)))]  # fmt: skip
+    layers += [
+        nn.AdaptiveAvgPool2d(pooled),
+        nn.Flatten(),
+        nn.Linear(cin * pooled * pooled, hidden),
+        nn.ReLU(),
+        nn.Dropout(0.5),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, int(rng.integers(10, 1001))),
+    ]
     return nn.Sequential(*layers)
 
 
@@ -296,7 +338,7 @@ def random_member(family: str, rng: np.random.Generator, resolution: int | None 
     model = FAMILY_BUILDERS[family](rng, res).eval()
     # Non-trivial BN statistics so that the exported graph carries real (not identity) normalisations.
     for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
+        if isinstance(module, nn.BatchNorm2d) and module.running_var is not None and module.running_mean is not None:
             module.running_var.uniform_(0.5, 1.5)
             module.running_mean.normal_(0, 0.1)
     return model, res
@@ -319,5 +361,5 @@ def export_onnx(model: nn.Module, resolution: int, *, dynamo: bool) -> bytes:
             assert program is not None
             return bytes(program.model_proto.SerializeToString())
         buffer = io.BytesIO()
-        torch.onnx.export(model, (x,), buffer, dynamo=False, opset_version=17)
+        torch.onnx.export(model, (x,), buffer, dynamo=False, opset_version=17)  # type: ignore[arg-type]
         return buffer.getvalue()

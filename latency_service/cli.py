@@ -191,7 +191,12 @@ def profile(
         session_factory=session_factory,
         measuring=measuring,
     )
-    console.print(f"job {job.id}: {job.status} — {job.done} done, {job.failed} failed of {job.total} on {device_id}")
+    with transaction(session_factory) as session:
+        skipped = store.skipped_counts(session=session, job_ids=[job.id])[job.id]
+    console.print(
+        f"job {job.id}: {job.status} — {job.done} done ({skipped} measured before), {job.failed} failed "
+        f"of {job.total} on {device_id}"
+    )
     if job.status == "failed":
         raise typer.Exit(1)
 
@@ -267,5 +272,5 @@ def db_upgrade(db: DbOption = None, data_dir: DataDirOption = None) -> None:
     console.print(f"schema at head: {_safe_url(settings.database_url)}")
 
 
-# Whole-model commands (issue 3: `predict-model FILE.onnx`, `measure-model FILE.onnx`) are registered here by the
-# owner of latency_service/model_latency.py, next to `predict`, as @app.command("predict-model") functions.
+# Whole-model commands (issue 3: predict-model, measure-model, profile-models) live in latency_service/model_cli.py
+# and are registered here with `register_model_commands(app)` once that module's annotations resolve at module level.

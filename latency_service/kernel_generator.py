@@ -12,12 +12,15 @@ adaptive rounds pass a narrower prior centred on configurations whose prediction
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+T = TypeVar("T")
 OPSET = 17
 # Widest layer a generated network gets (real CNN families stay at or below ~2048 channels).
 MAX_WIDTH = 1536
@@ -67,7 +70,7 @@ class NetworkBuilder:
         self.initializers.append(numpy_helper.from_array(array, name))
         return name
 
-    def _node(self, op: str, inputs: list[str], n_outputs: int = 1, **attrs: object) -> list[str]:
+    def _node(self, op: str, inputs: list[str], n_outputs: int = 1, **attrs: Any) -> list[str]:
         outputs = [self._name(op.lower()) for _ in range(n_outputs)]
         self.nodes.append(helper.make_node(op, inputs, outputs, name=outputs[0], **attrs))
         return outputs
@@ -136,10 +139,11 @@ class NetworkBuilder:
         (y,) = self._node("Mul", [x.name, scale.name])
         return _Tensor(y, x.c, x.hw)
 
-    def pool(self, x: _Tensor, k: int, stride: int, *, max_pool: bool = True) -> _Tensor:
+    def pool(self, x: _Tensor, k: int, stride: int, *, max_pool: bool = True, pad: bool = True) -> _Tensor:
         op = "MaxPool" if max_pool else "AveragePool"
-        (y,) = self._node(op, [x.name], kernel_shape=[k, k], strides=[stride, stride], pads=[k // 2] * 4)
-        return _Tensor(y, x.c, (x.hw + 2 * (k // 2) - k) // stride + 1)
+        padding = k // 2 if pad else 0
+        (y,) = self._node(op, [x.name], kernel_shape=[k, k], strides=[stride, stride], pads=[padding] * 4)
+        return _Tensor(y, x.c, (x.hw + 2 * padding - k) // stride + 1)
 
     def concat(self, xs: list[_Tensor]) -> _Tensor:
         (y,) = self._node("Concat", [t.name for t in xs], axis=1)
@@ -185,10 +189,10 @@ def _width(rng: np.random.Generator, base: float, scale: float) -> int:
     value = min(MAX_WIDTH, max(4.0, base * scale * float(rng.uniform(0.5, 1.6))))
     draw = rng.random()
     divisor = 8 if draw < 0.7 else (4 if draw < 0.9 else 1)
-    return max(divisor, int(round(value / divisor)) * divisor)
+    return max(divisor, round(value / divisor) * divisor)
 
 
-def _choice(rng: np.random.Generator, options: tuple | list) -> object:
+def _choice(rng: np.random.Generator, options: Sequence[T]) -> T:
     return options[int(rng.integers(len(options)))]
 
 
@@ -200,7 +204,7 @@ def _stage(b: NetworkBuilder, family: str, x: _Tensor, cout: int, stride: int, d
         if family == "inverted":
             expand = int(_choice(rng, (1, 3, 4, 6)))
             k = int(_choice(rng, (3, 3, 5, 7)))
-            hidden = max(8, int(round(x.c * expand / 8)) * 8) if expand > 1 else x.c
+            hidden = max(8, round(x.c * expand / 8) * 8) if expand > 1 else x.c
             h = b.conv(x, hidden, act=act) if expand > 1 else x
             h = b.conv(h, hidden, k=k, stride=s, groups=hidden, act=act)
             if rng.random() < 0.5:
@@ -266,7 +270,10 @@ def random_network(rng: np.random.Generator, prior: SamplingPrior) -> tuple[onnx
     b = NetworkBuilder(rng=rng, hw=hw)
     stem_stride = 1 if hw <= 48 else 2
     width = _width(rng, 24, prior.width_scale)
-    x = b.conv(b.input(), width, k=int(_choice(rng, (3, 3, 5, 7))), stride=stem_stride, act="relu")
+    stem_k = int(_choice(rng, (3, 3, 5, 7)))
+    if family == "plain" and hw >= 128 and rng.random() < 0.3:
+        stem_k, stem_stride = 11, 4  # AlexNet's stem
+    x = b.conv(b.input(), width, k=stem_k, stride=stem_stride, act="relu")
     if family in ("resnet", "bottleneck", "plain", "fire", "inception", "dense") and hw >= 96 and rng.random() < 0.7:
         x = b.pool(x, 3, 2)
     n_stages = int(rng.integers(2, 5))
@@ -284,6 +291,8 @@ def random_network(rng: np.random.Generator, prior: SamplingPrior) -> tuple[onnx
             x = _stage(b, family, x, width, stride, 1)
             stride = 1
     if family == "plain" and rng.random() < 0.6:
+        if x.hw % 2 == 0 and x.hw > 2 and rng.random() < 0.5:
+            x = b.pool(x, x.hw // 2, x.hw // 2, max_pool=False, pad=False)  # adaptive average pool to 2x2
         flat = b.flatten(x if x.hw <= 7 else b.pool(x, 2, 2) if x.hw <= 14 else b.global_pool(x, reduce_mean=False))
         h = b.linear(flat, _width(rng, 1024, prior.width_scale), act="relu")
         out = b.linear(h, int(rng.integers(10, 1001)))

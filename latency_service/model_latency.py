@@ -20,9 +20,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from latency_service import store
 from latency_service.backends.base import Backend
+from latency_service.db import transaction
 from latency_service.kernel_fit import DEFAULT_METHOD, KernelPredictor, compare_methods, fit_kernel_predictor
 from latency_service.kernel_models import KernelPredictorRow, KernelSampleRow, ProfiledNetworkRow
-from latency_service.db import transaction
 from latency_service.kernel_profiling import (
     STANDARD_BUDGET_S,
     KernelSample,
@@ -33,7 +33,8 @@ from latency_service.kernel_profiling import (
     profile_kernels_in_context,
 )
 from latency_service.measurement import MeasurementConfig, measure
-from predictors.kernels import KernelDecompositionError, decompose, static_shapes
+from predictors.kernel_shapes import KernelDecompositionError, static_shapes
+from predictors.kernels import decompose
 
 
 class InvalidModelError(ValueError):
@@ -100,9 +101,15 @@ def predict_with(predictor: KernelPredictor, backend: Backend, model_bytes: byte
         if source == "fallback":
             reason = "no regressor for this kernel class" if kernel.kernel_class else "operator type not modelled"
             unmodelled.append(
-                {"name": kernel.name, "op_type": kernel.op_type, "kernel_class": kernel.kernel_class,
-                 "latency_ms": ms, "estimate": "memory-bound fallback", "reason": reason}
-            )  # fmt: skip
+                {
+                    "name": kernel.name,
+                    "op_type": kernel.op_type,
+                    "kernel_class": kernel.kernel_class,
+                    "latency_ms": ms,
+                    "estimate": "memory-bound fallback",
+                    "reason": reason,
+                }
+            )
     kernel_total = math.fsum(ms for ms, _ in predictions)
     return {
         "total_ms": predictor.overhead_ms + kernel_total,
@@ -269,8 +276,11 @@ def fit_and_store(
     samples = [s for n in networks for s in n.samples()]
     overhead = sorted(n.overhead_ms for n in networks)[len(networks) // 2]
     comparison = compare_methods(networks) if compare and len(networks) >= 12 else []
-    method = max(comparison, key=lambda r: (r["network_within_10pct"], -r["network_rmspe"]))["method"] if comparison \
-        else DEFAULT_METHOD  # fmt: skip
+    method = (
+        max(comparison, key=lambda r: (r["network_within_10pct"], -r["network_rmspe"]))["method"]
+        if comparison
+        else DEFAULT_METHOD
+    )
     predictor = fit_kernel_predictor(samples, overhead_ms=overhead, block_size=block_size, method=method)
     report = {
         "method": method,

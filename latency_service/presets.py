@@ -242,6 +242,30 @@ def _sweeps() -> list[OpSpec]:
     return ops
 
 
+def _heavy_anchors() -> list[OpSpec]:
+    """The few layers beyond the sampling caps that classic nets do use (VGG/AlexNet heads and 224 px stacks).
+
+    Tree regressors do not extrapolate, so without these a 38 M-parameter classifier would be predicted from the
+    largest sampled one.  They cost ~19 s together here.  VGG-224's 25088x4096 layer is left out: it alone took 10 s
+    (building 411 MB of weights), and at that size a linear layer is a pure weight stream, bytes over bandwidth.
+    """
+    return [
+        Linear(cin=9216, cout=4096, act="relu"),
+        Linear(cin=4096, cout=4096, act="relu"),
+        Linear(cin=4096, cout=1000),
+        Linear(cin=2048, cout=1000),
+        Linear(cin=1280, cout=1000),
+        Linear(cin=512, cout=10),
+        Conv2d(cin=3, cout=64, hw=224, k=3, bn=False, act="relu"),
+        Conv2d(cin=3, cout=64, hw=224, k=11, stride=4, bn=False, act="relu"),
+        Conv2d(cin=64, cout=64, hw=224, k=3, bn=False, act="relu"),
+        Conv2d(cin=128, cout=128, hw=112, k=3, bn=False, act="relu"),
+        Conv2d(cin=256, cout=256, hw=56, k=3, bn=False, act="relu"),
+        Conv2d(cin=512, cout=512, hw=28, k=3, bn=False, act="relu"),
+        Conv2d(cin=512, cout=512, hw=14, k=3, bn=False, act="relu"),
+    ]
+
+
 def _draw(count: int, draw: Callable[[], OpSpec]) -> list[OpSpec]:
     ops: list[OpSpec] = []
     while len(ops) < count:
@@ -283,6 +307,7 @@ def _standard() -> list[OpSpec]:
 
     ops: list[OpSpec] = []
     ops += _sweeps()
+    ops += _heavy_anchors()
     ops += _draw(240, s.pointwise)
     ops += _draw(130, s.dense)
     ops += _draw(140, s.depthwise)

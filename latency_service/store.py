@@ -322,6 +322,18 @@ def mark_item(*, session: Session, job_id: int, position: int, status: str, erro
     return job
 
 
+def skipped_counts(*, session: Session, job_ids: Sequence[int]) -> dict[int, int]:
+    """Items per job that were skipped (measured before, or cancelled); they are included in ``done``."""
+    query = (
+        select(JobItem.job_id, func.count())
+        .where(JobItem.job_id.in_(job_ids), JobItem.status == "skipped")
+        .group_by(JobItem.job_id)
+    )
+    counts = {job_id: 0 for job_id in job_ids}
+    counts.update({job_id: int(count) for job_id, count in session.execute(query)})
+    return counts
+
+
 def first_item_error(*, session: Session, job_id: int) -> str | None:
     query = select(JobItem.error).where(JobItem.job_id == job_id, JobItem.status == "failed")
     return session.scalars(query.order_by(JobItem.position).limit(1)).first()

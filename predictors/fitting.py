@@ -12,7 +12,8 @@ For every kind, :func:`fit_predictors` compares candidates by K-fold cross-valid
 A kind with fewer than :data:`MIN_SAMPLES_FOR_REGRESSORS` measured variants gets ``roofline_ratio``, one scale over
 ``max(FLOPs, 8 * bytes)``, with leave-one-out error when there are at least two variants and ``None`` below.
 
-The fitted predictor is plain JSON (:mod:`predictors.portable`); loading and predicting need numpy only.
+The candidates and their cross-validation live in :mod:`predictors.candidates`.  The fitted predictor is plain JSON
+(:mod:`predictors.portable`); loading and predicting need numpy only.
 """
 
 from __future__ import annotations
@@ -21,28 +22,31 @@ import hashlib
 import json
 import math
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
 
-from predictors.features import class_column, compute_columns, feature_matrix, feature_names
+from predictors.candidates import (
+    CANDIDATES,
+    LOG_MS,
+    MS,
+    Components,
+    cross_validated_errors,
+    evaluate_components,
+    fit_roofline,
+    relative_errors,
+    roofline_ratio,
+)
+from predictors.features import feature_matrix, feature_names
 from predictors.ops import OpSpec
-from predictors.portable import PortableModel, Roofline, RooflineTerm, export_model, load_model
+from predictors.portable import load_model
 
 FORMAT = "figs-latency-predictor"
 FORMAT_VERSION = 1
 MIN_SAMPLES_FOR_REGRESSORS = 5
-# A kernel class (depthwise, pointwise, ... within conv2d) gets its own roofline term from this many variants on.
-MIN_SAMPLES_PER_CLASS = 6
-# Machine balance assumed by the few-sample fallback (FLOPs per byte at which compute and memory time are equal);
-# roughly a one-core AVX-512 CPU against its DRAM.  Only the scale is fitted there, so this just picks the axis.
-FALLBACK_BALANCE = 8.0
-# A component either predicts milliseconds (its log is added) or adds straight to log-milliseconds.
-_MS, _LOG = "ms", "log_ms"
-
-Components = list[tuple[str, PortableModel]]
 
 
 class UnmodelledOpError(KeyError, ValueError):
@@ -84,12 +88,7 @@ class KindPredictor:
         self.model = model
 
     def predict_features(self, x: np.ndarray) -> np.ndarray:
-        log_ms = np.zeros(len(x))
-        for space, component in self.components:
-            raw = component.predict(x)
-            log_ms += np.log(np.maximum(raw, 1e-9)) if space == _MS else raw
-        result: np.ndarray = np.exp(log_ms)
-        return result
+        return evaluate_components(self.components, x)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -108,8 +107,8 @@ class KindPredictor:
             )
         components: Components = []
         for i, entry in enumerate(data["components"]):
-            if entry.get("space") not in (_MS, _LOG):
-                raise ValueError(f"kinds.{kind}.components[{i}].space: must be {_MS!r} or {_LOG!r}")
+            if entry.get("space") not in (MS, LOG_MS):
+                raise ValueError(f"kinds.{kind}.components[{i}].space: must be {MS!r} or {LOG_MS!r}")
             components.append((entry["space"], load_model(entry["model"])))
         table = {str(k): float(v) for k, v in data["table"].items()}
         return cls(kind, table=table, components=components, model=str(data["model"]))
@@ -174,7 +173,7 @@ class LatencyPredictor:
             "kinds": {kind: p.to_json() for kind, p in self._kinds.items()},
         }
 
-    @property
+    @cached_property
     def version(self) -> str:
         """Content hash of the JSON form: equal predictors have equal versions in every process."""
         canonical = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
@@ -201,126 +200,6 @@ class LatencyPredictor:
             raise ValueError(f"kinds: missing field {exc.args[0]!r}") from exc
 
 
-# ---- fitting ----------------------------------------------------------------------------------------------------
-def _fit_term(
-    x: np.ndarray, y_ms: np.ndarray, *, memory: int, compute_options: list[int]
-) -> tuple[float, RooflineTerm]:
-    from scipy.optimize import least_squares
-
-    log_y = np.log(y_ms)
-    nbytes = x[:, memory]
-    best: tuple[float, RooflineTerm] | None = None
-    for compute in compute_options:
-        flops = np.maximum(x[:, compute], 1.0)
-
-        def residuals(theta: np.ndarray, flops: np.ndarray = flops) -> np.ndarray:
-            a, b, c = np.exp(theta)
-            result: np.ndarray = np.log(np.maximum(a * flops, b * nbytes) + c) - log_y
-            return result
-
-        for share in (0.5, 0.9):
-            theta0 = np.log([np.median(y_ms / flops) * share, np.median(y_ms / nbytes) * share,
-                             y_ms.min() * (1 - share) + 1e-6])  # fmt: skip
-            # soft_l1: one variant timed during a burst of contention should not drag the whole curve.
-            fit = least_squares(residuals, theta0, loss="soft_l1", f_scale=0.1)
-            if best is None or fit.cost < best[0]:
-                a, b, c = np.exp(fit.x)
-                best = (float(fit.cost), RooflineTerm(float(a), float(b), float(c), compute))
-    assert best is not None
-    return best
-
-
-def fit_roofline(x: np.ndarray, y_ms: np.ndarray, *, kind: str) -> Roofline:
-    """Fit ``max(a*FLOPs, b*bytes) + c`` on log latency, pooled and per kernel class with enough variants.
-
-    The compute axis is raw or channel-padded FLOPs, whichever fits a term better.
-    """
-    names = feature_names(kind)
-    memory = names.index("bytes")
-    options = [names.index(c) for c in compute_columns(kind)]
-    _, pooled = _fit_term(x, y_ms, memory=memory, compute_options=options)
-    class_name = class_column(kind)
-    classes: dict[int, RooflineTerm] = {}
-    if class_name is not None:
-        column = names.index(class_name)
-        for value in np.unique(x[:, column]):
-            rows = x[:, column] == value
-            if rows.sum() >= MIN_SAMPLES_PER_CLASS:
-                classes[int(value)] = _fit_term(x[rows], y_ms[rows], memory=memory, compute_options=options)[1]
-    return Roofline(
-        pooled=pooled,
-        memory_column=memory,
-        n_features=x.shape[1],
-        class_column=None if class_name is None else names.index(class_name),
-        classes=classes,
-    )
-
-
-def _roofline_ratio(x: np.ndarray, y_ms: np.ndarray, *, kind: str) -> Components:
-    names = feature_names(kind)
-    flops, nbytes = x[:, names.index("flops")], x[:, names.index("bytes")]
-    work = np.maximum(flops, FALLBACK_BALANCE * nbytes)
-    scale = float(np.exp(np.mean(np.log(y_ms / work))))
-    term = RooflineTerm(scale, scale * FALLBACK_BALANCE, 0.0, names.index("flops"))
-    return [(_MS, Roofline(pooled=term, memory_column=names.index("bytes"), n_features=x.shape[1]))]
-
-
-def _trees(name: str, seed: int) -> Any:
-    from sklearn.ensemble import GradientBoostingRegressor, RandomForestRegressor
-
-    # Sizes keep 100k predictions (a search's latency tables) around a second in numpy; see the benchmark.
-    if name == "random_forest":
-        return RandomForestRegressor(n_estimators=40, max_features=0.5, min_samples_leaf=2, random_state=seed)
-    return GradientBoostingRegressor(n_estimators=150, max_depth=3, learning_rate=0.1, subsample=0.8, random_state=seed)
-
-
-# A candidate fits on (features, ms, kind, seed, the roofline already fitted to the same rows).
-Candidate = Callable[[np.ndarray, np.ndarray, str, int, Roofline], Components]
-
-
-def _tree_candidate(tree_name: str, *, on_roofline: bool) -> Candidate:
-    def fit(x: np.ndarray, y_ms: np.ndarray, kind: str, seed: int, roofline: Roofline) -> Components:
-        if not on_roofline:
-            return [(_LOG, export_model(_trees(tree_name, seed).fit(x, np.log(y_ms))))]
-        residual = np.log(y_ms) - np.log(roofline.predict(x))
-        return [(_MS, roofline), (_LOG, export_model(_trees(tree_name, seed).fit(x, residual)))]
-
-    return fit
-
-
-def _roofline_candidate(x: np.ndarray, y_ms: np.ndarray, kind: str, seed: int, roofline: Roofline) -> Components:
-    return [(_MS, roofline)]
-
-
-CANDIDATES: dict[str, Candidate] = {
-    "roofline": _roofline_candidate,
-    "random_forest": _tree_candidate("random_forest", on_roofline=False),
-    "gradient_boosting": _tree_candidate("gradient_boosting", on_roofline=False),
-    "random_forest+roofline": _tree_candidate("random_forest", on_roofline=True),
-    "gradient_boosting+roofline": _tree_candidate("gradient_boosting", on_roofline=True),
-}
-
-
-def _evaluate(components: Components, x: np.ndarray) -> np.ndarray:
-    return KindPredictor("", table={}, components=components, model="").predict_features(x)
-
-
-def _relative_errors(predicted: np.ndarray, y_ms: np.ndarray) -> np.ndarray:
-    result: np.ndarray = np.abs(predicted - y_ms) / y_ms
-    return result
-
-
-def _cross_validated_errors(
-    x: np.ndarray, y_ms: np.ndarray, *, kind: str, folds: list[tuple[np.ndarray, np.ndarray]], seed: int
-) -> dict[str, np.ndarray]:
-    predicted = {name: np.empty(len(y_ms)) for name in CANDIDATES}
-    for train, test in folds:
-        roofline = fit_roofline(x[train], y_ms[train], kind=kind)
-        for name, fit in CANDIDATES.items():
-            predicted[name][test] = _evaluate(fit(x[train], y_ms[train], kind, seed, roofline), x[test])
-    return {name: _relative_errors(p, y_ms) for name, p in predicted.items()}
-
-
 def _fit_kind(
     kind: str, ops: list[OpSpec], y_ms: np.ndarray, *, seed: int, cv_folds: int
 ) -> tuple[Components, FitReport]:
@@ -330,10 +209,10 @@ def _fit_kind(
         errors = None
         if n >= 2:
             loo = np.array([
-                _evaluate(_roofline_ratio(np.delete(x, i, 0), np.delete(y_ms, i), kind=kind), x[i : i + 1])[0]
+                evaluate_components(roofline_ratio(np.delete(x, i, 0), np.delete(y_ms, i), kind=kind), x[i : i + 1])[0]
                 for i in range(n)
             ])  # fmt: skip
-            errors = _relative_errors(loo, y_ms)
+            errors = relative_errors(loo, y_ms)
         report = FitReport(
             op=kind, n_samples=n, model="roofline_ratio",
             mape=None if errors is None else float(errors.mean()),
@@ -341,13 +220,13 @@ def _fit_kind(
             candidates={"roofline_ratio": None if errors is None else float(errors.mean())},
             candidates_within_10pct={"roofline_ratio": None if errors is None else float((errors <= 0.1).mean())},
         )  # fmt: skip
-        return _roofline_ratio(x, y_ms, kind=kind), report
+        return roofline_ratio(x, y_ms, kind=kind), report
 
     from sklearn.model_selection import KFold
 
     splitter = KFold(n_splits=min(cv_folds, n), shuffle=True, random_state=seed)
     folds = list(splitter.split(x))
-    errors_by_name = _cross_validated_errors(x, y_ms, kind=kind, folds=folds, seed=seed)
+    errors_by_name = cross_validated_errors(x, y_ms, kind=kind, folds=folds, seed=seed)
     # Ties go to the earlier (simpler) candidate: min() keeps the first of equal values.
     winner = min(errors_by_name, key=lambda name: float(errors_by_name[name].mean()))
     errors = errors_by_name[winner]

@@ -12,13 +12,27 @@ Nothing here imports onnxruntime or torch: the service hands the optimised model
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-import numpy as np
 import onnx
 from onnx import numpy_helper
+
+from predictors.kernel_shapes import (
+    GEMM_OPS as _GEMMS,
+)
+from predictors.kernel_shapes import (
+    POOL_OPS as _POOLS,
+)
+from predictors.kernel_shapes import (
+    KernelDecompositionError,
+    _attr,
+    _infer_outputs,
+    _ints,
+    _numel,
+    _ShapeTable,
+    _text,
+)
 
 NCHWC_DOMAIN = "com.microsoft.nchwc"
 
@@ -48,7 +62,7 @@ KERNEL_CLASSES: tuple[str, ...] = (
     SHAPE_ONLY,
 )
 
-_ELEMENTWISE_CODES: dict[str, int] = {
+_ELEMENTWISE_CODES: dict[str, int] = {  # the same ops as kernel_shapes.ELEMENTWISE_OPS, coded for the regressor
     "Add": 1,
     "Sum": 1,
     "Sub": 1,
@@ -83,15 +97,42 @@ _ACTIVATION_CODES: dict[str, int] = {
 _DATA_MOVEMENT = {"Transpose", "Split", "Slice", "Pad", "Gather", "Expand", "Tile", "Resize", "Upsample"}
 # Ops the runtime executes by aliasing or tiny copies; their cost is the per-node dispatch, not the bytes.
 _SHAPE_ONLY = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Dropout", "Shape", "Constant", "Cast"}
-_POOLS = {"MaxPool", "AveragePool"}
 _GLOBAL_POOLS = {"GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "ReduceMax", "ReduceSum"}
-_GEMMS = {"Gemm", "MatMul", "FusedGemm", "FusedMatMul"}
 
 # Feature order per class; the regressors are fitted on exactly these columns.
 FEATURE_NAMES: dict[str, tuple[str, ...]] = {
-    CONV: ("cin", "cout", "hw_in", "hw_out", "k", "stride", "groups", "act", "has_sum", "nchw_in", "flops", "bytes"),
-    DWCONV: ("c", "hw_in", "hw_out", "k", "stride", "act", "has_sum", "flops", "bytes"),
-    CONV_NCHW: ("cin", "cout", "hw_in", "hw_out", "k", "stride", "groups", "act", "has_sum", "flops", "bytes"),
+    CONV: (
+        "cin",
+        "cout",
+        "hw_in",
+        "hw_out",
+        "k",
+        "stride",
+        "groups",
+        "act",
+        "has_sum",
+        "nchw_in",
+        "reduction",
+        "out_elems",
+        "flops",
+        "bytes",
+    ),
+    DWCONV: ("c", "hw_in", "hw_out", "k", "stride", "act", "has_sum", "out_elems", "flops", "bytes"),
+    CONV_NCHW: (
+        "cin",
+        "cout",
+        "hw_in",
+        "hw_out",
+        "k",
+        "stride",
+        "groups",
+        "act",
+        "has_sum",
+        "reduction",
+        "out_elems",
+        "flops",
+        "bytes",
+    ),
     GEMM: ("m", "k", "n", "flops", "bytes"),
     POOL: ("c", "hw_in", "hw_out", "k", "stride", "is_max", "nchwc", "bytes"),
     GLOBAL_POOL: ("c", "hw_in", "is_reduce", "nchwc", "bytes"),
@@ -101,14 +142,6 @@ FEATURE_NAMES: dict[str, tuple[str, ...]] = {
     DATA_MOVEMENT: ("op", "numel", "n_outputs", "bytes"),
     SHAPE_ONLY: ("numel",),
 }
-
-
-class KernelDecompositionError(ValueError):
-    """The graph cannot be decomposed (a shape could not be inferred); ``node`` names the node."""
-
-    def __init__(self, node: str, message: str) -> None:
-        super().__init__(f"{node}: {message}")
-        self.node = node
 
 
 @dataclass(frozen=True)
@@ -132,191 +165,6 @@ class Kernel:
     def feature_dict(self) -> dict[str, float]:
         names = FEATURE_NAMES.get(self.kernel_class or "", ())
         return dict(zip(names, self.features, strict=True))
-
-
-def _attr(node: onnx.NodeProto, name: str, default: object) -> object:
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
-
-
-def _ints(node: onnx.NodeProto, name: str, default: Sequence[int]) -> list[int]:
-    value = _attr(node, name, default)
-    assert isinstance(value, list | tuple)
-    return [int(v) for v in value]
-
-
-def _text(node: onnx.NodeProto, name: str) -> str:
-    value = _attr(node, name, b"")
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _pooled(hw: int, k: int, stride: int, pad_total: int, dilation: int = 1, ceil_mode: bool = False) -> int:
-    span = hw + pad_total - dilation * (k - 1) - 1
-    return (math.ceil(span / stride) if ceil_mode else span // stride) + 1
-
-
-def _broadcast(shapes: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
-    rank = max(len(s) for s in shapes)
-    padded = [(1,) * (rank - len(s)) + tuple(s) for s in shapes]
-    return tuple(max(dims) for dims in zip(*padded, strict=True))
-
-
-def _numel(shape: Sequence[int]) -> int:
-    return int(math.prod(shape))
-
-
-class _ShapeTable:
-    """Tensor name → shape, plus the values of small constant integer tensors (Reshape/Split/Slice arguments)."""
-
-    def __init__(self, model: onnx.ModelProto, block_size: int) -> None:
-        self.block = max(1, block_size)
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        self.values: dict[str, np.ndarray] = {}
-        self.initializers: set[str] = set()
-        for init in model.graph.initializer:
-            self.shapes[init.name] = tuple(int(d) for d in init.dims)
-            self.initializers.add(init.name)
-            if init.data_type == onnx.TensorProto.INT64 and _numel(init.dims) <= 16:
-                self.values[init.name] = numpy_helper.to_array(init)
-        for value in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
-            dims = value.type.tensor_type.shape.dim
-            if value.name not in self.shapes and dims and all(d.HasField("dim_value") for d in dims):
-                self.shapes[value.name] = tuple(int(d.dim_value) for d in dims)
-
-    def get(self, node: onnx.NodeProto, name: str) -> tuple[int, ...]:
-        if name not in self.shapes:
-            raise KernelDecompositionError(node.name or node.op_type, f"shape of input {name!r} is unknown")
-        return self.shapes[name]
-
-    def padded(self, channels: int) -> int:
-        return -(-channels // self.block) * self.block
-
-
-def _infer_outputs(node: onnx.NodeProto, table: _ShapeTable) -> list[tuple[int, ...]]:
-    """Output shapes of one node from its input shapes and attributes (logical, or padded inside NCHWc)."""
-    op = node.op_type
-    inputs = [table.get(node, i) for i in node.input if i]
-    first = inputs[0] if inputs else ()
-    if op in ("Conv", "FusedConv"):
-        weight = inputs[1]
-        kernel = weight[2:]
-        strides = _ints(node, "strides", [1] * len(kernel))
-        dilations = _ints(node, "dilations", [1] * len(kernel))
-        pads = _ints(node, "pads", [0] * 2 * len(kernel))
-        if _text(node, "auto_pad") in ("SAME_UPPER", "SAME_LOWER"):
-            spatial = [-(-first[2 + i] // strides[i]) for i in range(len(kernel))]
-        else:
-            spatial = [
-                _pooled(first[2 + i], kernel[i], strides[i], pads[i] + pads[i + len(kernel)], dilations[i])
-                for i in range(len(kernel))
-            ]
-        return [(first[0], weight[0], *spatial)]
-    if op in _POOLS:
-        kernel = _ints(node, "kernel_shape", [1, 1])
-        strides = _ints(node, "strides", [1] * len(kernel))
-        dilations = _ints(node, "dilations", [1] * len(kernel))
-        pads = _ints(node, "pads", [0] * 2 * len(kernel))
-        ceil_mode = bool(_attr(node, "ceil_mode", 0))
-        spatial = [
-            _pooled(first[2 + i], kernel[i], strides[i], pads[i] + pads[i + len(kernel)], dilations[i], ceil_mode)
-            for i in range(len(kernel))
-        ]
-        return [(first[0], first[1], *spatial)]
-    if op in ("GlobalAveragePool", "GlobalMaxPool"):
-        return [(*first[:2], *([1] * (len(first) - 2)))]
-    if op in ("ReduceMean", "ReduceMax", "ReduceSum"):
-        axes_value: list[int] | None = None
-        if len(node.input) > 1 and node.input[1] in table.values:
-            axes_value = [int(a) for a in table.values[node.input[1]].reshape(-1)]
-        else:
-            raw = _attr(node, "axes", None)
-            axes_value = [int(a) for a in raw] if isinstance(raw, list) else None
-        axes = {a % len(first) for a in (axes_value if axes_value is not None else range(len(first)))}
-        keep = bool(_attr(node, "keepdims", 1))
-        return [tuple((1 if i in axes else d) for i, d in enumerate(first) if keep or i not in axes)]
-    if op == "ReorderInput":
-        if _attr(node, "channels_last", 0):
-            n, h, w, c = first
-            return [(n, table.padded(c), h, w)]
-        return [(first[0], table.padded(first[1]), *first[2:])]
-    if op == "ReorderOutput":
-        channels = int(_attr(node, "channels", first[1]))  # type: ignore[call-overload]
-        if _attr(node, "channels_last", 0):
-            return [(first[0], *first[2:], channels)]
-        return [(first[0], channels, *first[2:])]
-    if op in _ELEMENTWISE_CODES or op in ("Not", "Abs", "Neg", "Exp", "Log", "Sqrt", "Pow", "Where"):
-        if op == "BatchNormalization":
-            return [first]
-        return [_broadcast(inputs)]
-    if op == "Concat":
-        axis = int(_attr(node, "axis", 1)) % len(first)  # type: ignore[call-overload]
-        out = list(first)
-        out[axis] = sum(s[axis] for s in inputs)
-        return [tuple(out)]
-    if op == "Split":
-        axis = int(_attr(node, "axis", 0)) % len(first)  # type: ignore[call-overload]
-        if len(node.input) > 1 and node.input[1] in table.values:
-            sizes = [int(v) for v in table.values[node.input[1]].reshape(-1)]
-        elif _attr(node, "split", None) is not None:
-            sizes = _ints(node, "split", [])
-        else:
-            parts = len(node.output)
-            sizes = [first[axis] // parts] * parts
-        return [tuple(first[:axis]) + (s,) + tuple(first[axis + 1 :]) for s in sizes]
-    if op == "Transpose":
-        perm = _ints(node, "perm", list(reversed(range(len(first)))))
-        return [tuple(first[p] for p in perm)]
-    if op == "Reshape":
-        if node.input[1] not in table.values:
-            raise KernelDecompositionError(node.name or op, "Reshape target shape is not a constant")
-        target = [int(v) for v in table.values[node.input[1]].reshape(-1)]
-        target = [first[i] if (v == 0 and not _attr(node, "allowzero", 0)) else v for i, v in enumerate(target)]
-        if -1 in target:
-            known = _numel([v for v in target if v != -1])
-            target[target.index(-1)] = _numel(first) // max(known, 1)
-        return [tuple(target)]
-    if op == "Flatten":
-        axis = int(_attr(node, "axis", 1)) % (len(first) + 1)  # type: ignore[call-overload]
-        return [(_numel(first[:axis]), _numel(first[axis:]))]
-    if op in ("Squeeze", "Unsqueeze"):
-        if len(node.input) > 1 and node.input[1] in table.values:
-            axes = [int(v) for v in table.values[node.input[1]].reshape(-1)]
-        else:
-            axes = _ints(node, "axes", [i for i, d in enumerate(first) if d == 1])
-        if op == "Squeeze":
-            drop = {a % len(first) for a in axes}
-            return [tuple(d for i, d in enumerate(first) if i not in drop)]
-        out = list(first)
-        rank = len(first) + len(axes)
-        for a in sorted(a % rank for a in axes):
-            out.insert(a, 1)
-        return [tuple(out)]
-    if op in ("Identity", "Dropout", "Cast"):
-        return [first] * len(node.output)
-    if op in _GEMMS:
-        a, b = inputs[0], inputs[1]
-        if op in ("Gemm", "FusedGemm"):
-            m = a[1] if _attr(node, "transA", 0) else a[0]
-            n = b[0] if _attr(node, "transB", 0) else b[1]
-            return [(m, n)]
-        return [(*a[:-1], b[-1])]
-    raise KernelDecompositionError(node.name or op, f"no shape rule for {op}")
-
-
-def static_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
-    """Every fully static tensor shape onnx's shape inference finds in a (standard-domain) model."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # inference is a best effort for the unusual ops; the rules above cover the usual ones
-        return {}
-    shapes: dict[str, tuple[int, ...]] = {}
-    for value in [*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input]:
-        dims = value.type.tensor_type.shape.dim
-        if dims and all(d.HasField("dim_value") for d in dims):
-            shapes[value.name] = tuple(int(d.dim_value) for d in dims)
-    return shapes
 
 
 def _classify(node: onnx.NodeProto, ins: list[tuple[int, ...]], outs: list[tuple[int, ...]]) -> str | None:
@@ -360,11 +208,13 @@ def _features(kernel_class: str | None, node: onnx.NodeProto, ins: list, outs: l
         act = _ACTIVATION_CODES.get(_text(node, "activation"), 6)
         has_sum = float(len([i for i in node.input if i]) > 3)
         flops = 2.0 * _numel(y) * w[1] * k * k
+        out_elems = float(_numel(y))
         if kernel_class == DWCONV:
-            return [y[1], x[2], y[2], k, stride, act, has_sum, flops, total_bytes]
+            return [y[1], x[2], y[2], k, stride, act, has_sum, out_elems, flops, total_bytes]
         nchw_in = float(node.domain == NCHWC_DOMAIN and x[1] % 4 != 0 and w[1] == x[1] and groups == 1 and x[1] < 8)
         row = [x[1], y[1], x[2], y[2], k, stride, groups, act, has_sum]
-        return [*row, nchw_in, flops, total_bytes] if kernel_class == CONV else [*row, flops, total_bytes]
+        costs = [float(w[1] * k * k), out_elems, flops, total_bytes]
+        return [*row, nchw_in, *costs] if kernel_class == CONV else [*row, *costs]
     if kernel_class == GEMM:
         a, y = ins[0], outs[0]
         m = _numel(y[:-1])

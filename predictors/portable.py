@@ -4,14 +4,15 @@ nn-Meter stored its predictors with pickle and they stopped loading when scikit-
 issue, #131).  Here a fitted model is exported once to arrays (tree nodes, coefficients) and the loader evaluates
 those arrays itself, so a newer scikit-learn, or none at all, reads the same predictions back.
 
-Three portable model types:
+Portable model types:
 
 * ``tree_ensemble`` — one or more CART trees combined as ``init + scale * sum(tree(x))`` (random forests and extra
   trees: ``scale = 1 / n_trees``; gradient boosting: the learning rate and the init constant; one decision tree:
   scale 1), evaluated by :mod:`predictors.tree_eval`.
 * ``linear`` — ``x @ coef + intercept``.
 * ``roofline`` — ``max(a * x[compute], b * x[memory]) + c``: the physically shaped model (MorphNet's latency cost)
-  over two feature columns, optionally one term per kernel class; fitted in :mod:`predictors.fitting`.
+  over two feature columns, optionally one term per kernel class; fitted in :mod:`predictors.candidates`.
+* ``by_class`` — one of the above per kernel class (a feature column's value).
 """
 
 from __future__ import annotations
@@ -240,10 +241,55 @@ class Roofline:
         )
 
 
+class ByClass:
+    """One model per kernel class (the value of ``class_column``); rows of a class without one get ``default``.
+
+    nn-Meter fits one predictor per kernel type for the same reason: depthwise, pointwise and dense convolutions
+    differ in how latency bends with shape, and one model over all of them spends its splits telling them apart.
+    """
+
+    kind = "by_class"
+
+    def __init__(self, models: dict[int, PortableModel], *, class_column: int, n_features: int, default: float) -> None:
+        self.models = dict(models)
+        self.class_column = class_column
+        self.n_features = n_features
+        self.default = float(default)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        x = _check_matrix(x, self.n_features)
+        out = np.full(len(x), self.default)
+        for value, model in self.models.items():
+            rows = x[:, self.class_column] == value
+            if rows.any():
+                out[rows] = model.predict(x[rows])
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "type": self.kind,
+            "format_version": FORMAT_VERSION,
+            "n_features": self.n_features,
+            "class_column": self.class_column,
+            "default": self.default,
+            "models": {str(value): model.to_json() for value, model in self.models.items()},
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ByClass:
+        return cls(
+            {int(value): load_model(model) for value, model in data["models"].items()},
+            class_column=int(data["class_column"]),
+            n_features=int(data["n_features"]),
+            default=float(data["default"]),
+        )
+
+
 _LOADERS: dict[str, Any] = {
     TreeEnsemble.kind: TreeEnsemble.from_json,
     LinearModel.kind: LinearModel.from_json,
     Roofline.kind: Roofline.from_json,
+    ByClass.kind: ByClass.from_json,
 }
 
 
@@ -319,6 +365,7 @@ def export_model(estimator: Any) -> PortableModel:
 
 __all__ = [
     "FORMAT_VERSION",
+    "ByClass",
     "LinearModel",
     "PortableModel",
     "Roofline",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -20,20 +20,33 @@ from rich.table import Table
 
 from search.data import DataBundle, DatasetError, load_dataset
 from search.export import (
+    DeviceLink,
     LatencyCalibration,
-    calibrate_device,
+    calibrate_devices,
+    connect_devices,
+    device_tables,
     evaluate,
     export_onnx,
     load_checkpoint_space,
+    measure_on_devices,
     read_architecture,
+    verify_on_devices,
     write_architecture,
 )
 from search.farm import farm_app
 from search.gates import GateConfig
 from search.plots import plot_keep_probabilities, plot_trajectory
-from search.service_client import DeviceService, ServiceError, ServiceUnavailableError, dense_tables, table_layers
-from search.spaces.base import SearchSpace, create_space, from_architecture, list_spaces
-from search.trainer import CHECKPOINT_NAME, SearchConfig, finetune, retrain_from_scratch, run_search
+from search.service_client import ServiceError, ServiceUnavailableError
+from search.spaces.base import create_space, from_architecture, list_spaces
+from search.trainer import (
+    CHECKPOINT_NAME,
+    RefineRound,
+    SearchConfig,
+    finetune,
+    refine_to_measured,
+    retrain_from_scratch,
+    run_search,
+)
 
 app = typer.Typer(help="FiGS: hardware-aware fine-grained stochastic architecture search.", no_args_is_help=True)
 app.add_typer(farm_app, name="farm")
@@ -57,95 +70,6 @@ def user_errors() -> Iterator[None]:
         fail(str(exc), code=3)
     except ServiceError as exc:
         fail(str(exc), code=3)
-
-
-@dataclass
-class DeviceLink:
-    """A device service and the name its tables and targets go by (its device id, made unique)."""
-
-    url: str
-    service: DeviceService
-    name: str = ""
-
-
-def connect_devices(urls: list[str], *, token: str | None = None, retries: int = 3) -> list[DeviceLink]:
-    if len(set(urls)) != len(urls):
-        raise ValueError("--device: the same URL is given twice")
-    return [DeviceLink(url=url, service=DeviceService(url, token, retries=retries)) for url in urls]
-
-
-def device_tables(
-    links: list[DeviceLink], space: SearchSpace, *, count_step: int, console: Console | None = None
-) -> dict[str, list[torch.Tensor]]:
-    """Ask every device for the space's latency tables (or take them from the cache) and name the devices."""
-    layers = space.latency_layers()
-    requests = table_layers(layers, count_step)
-    tables: dict[str, list[torch.Tensor]] = {}
-    for link in links:
-        answer = link.service.latency_tables(requests)
-        name = answer.device_id or link.url
-        link.name = name if name not in tables else f"{name}@{link.url}"
-        tables[link.name] = dense_tables(layers, answer)
-        if console is not None:
-            source = "cache (service unreachable)" if answer.from_cache else f"predictor {answer.predictor_version}"
-            console.print(f"tables for {link.name} from {source}: {len(requests)} layers", highlight=False)
-    return tables
-
-
-CALIBRATION_MULTIPLIERS = (0.25, 0.5, 0.75, 1.0)
-
-
-def calibrate_devices(
-    links: list[DeviceLink], space: str, bundle: DataBundle, console: Console
-) -> dict[str, LatencyCalibration]:
-    """Per device, the table → measured map from uniform-width models of ``space`` (all gates fixed on)."""
-    uniform = [
-        create_space(space, **_shape(bundle), width_multiplier=m, gate=GateConfig(fixed_on=True))
-        for m in CALIBRATION_MULTIPLIERS
-    ]
-    calibrations = {}
-    for link in links:
-        calibration = calibrate_device(
-            link.service, uniform, in_channels=bundle.in_channels, image_size=bundle.image_size
-        )
-        calibrations[link.name] = calibration
-        console.print(
-            f"{link.name}: measured ≈ {calibration.offset_ms:.4f} + {calibration.scale:.3f} × table ms "
-            f"(uniform models measured {', '.join(f'{p[1]:.4f}' for p in calibration.points)} ms)",
-            highlight=False,
-        )
-    return calibrations
-
-
-def verify_on_devices(
-    links: list[DeviceLink],
-    onnx: bytes,
-    targets: dict[str, float],
-    expected: dict[str, float],
-    calibrations: dict[str, LatencyCalibration],
-    console: Console,
-) -> list[dict[str, Any]]:
-    """Ask each device to predict and measure the exported model; a device that fails is reported, not fatal."""
-    rows = []
-    for link in links:
-        row: dict[str, Any] = {"device": link.name, "url": link.url, "target_ms": targets.get(link.name)}
-        table_ms = expected.get(f"latency_ms/{link.name}")
-        calibration = calibrations.get(link.name, LatencyCalibration.identity())
-        row["expected_ms"] = calibration.to_measured(table_ms) if table_ms is not None else None
-        try:
-            prediction = link.service.predict_model(onnx)
-            row["predicted_ms"] = prediction.total_ms
-            row["unmodelled"] = prediction.unmodelled
-        except (ServiceError, ServiceUnavailableError) as exc:
-            row["predict_error"] = str(exc)
-        try:
-            measurement = link.service.measure_model(onnx)
-            row.update(measured_ms=measurement.median_ms, p10_ms=measurement.p10_ms, p90_ms=measurement.p90_ms)
-        except (ServiceError, ServiceUnavailableError) as exc:
-            row["measure_error"] = str(exc)
-            console.print(f"{link.name}: {exc}", highlight=False)
-        rows.append(row)
-    return rows
 
 
 def _targets_per_device(devices: list[str], targets: list[float]) -> list[float]:
@@ -194,6 +118,11 @@ def search(
     temperature_decay: Annotated[float, typer.Option(help="anneal: τ · decay^(step / decay-steps)")] = 1.0,
     decay_steps: Annotated[int, typer.Option(min=1)] = 1000,
     straight_through: Annotated[bool, typer.Option(help="hard 0/1 masks forward, relaxed gradient backward")] = False,
+    refine_rounds: Annotated[
+        int, typer.Option(min=0, help="measure on the devices and correct the targets this many times")
+    ] = 2,
+    refine_steps: Annotated[int, typer.Option(min=1, help="search steps after each correction")] = 100,
+    tolerance: Annotated[float, typer.Option(help="stop refining when every device is this close (relative)")] = 0.05,
 ) -> None:
     """Search a network that meets the latency targets, compact and fine-tune it, export it, check it on the devices."""
     targets = _targets_per_device(device, target_latency_ms)
@@ -249,6 +178,22 @@ def search(
             **_shape(bundle),
         }
         result = run_search(config, supernet, bundle, tables, out_dir=out, resume=resume, checkpoint_meta=meta)
+        refinement: list[RefineRound] = []
+        if measure and refine_rounds:
+            scales = {name: calibrations[name].scale if calibrate else 1.0 for name in table_targets}
+            config, refinement = refine_to_measured(
+                config,
+                supernet,
+                bundle,
+                tables,
+                targets_ms={link.name: t for link, t in zip(links, targets, strict=True)},
+                measure=lambda model: measure_on_devices(links, model, bundle),
+                scales=scales,
+                rounds=refine_rounds,
+                steps=refine_steps,
+                tolerance=tolerance,
+                threshold=threshold,
+            )
     compact, arch = supernet.compact(threshold=threshold)
     if retrain:
         compact = retrain_from_scratch(compact, bundle, finetune_steps, batch_size=batch_size, seed=seed, progress=True)
@@ -270,6 +215,7 @@ def search(
         name: {"offset_ms": c.offset_ms, "scale": c.scale, "points": c.points} for name, c in calibrations.items()
     }
     report["table_targets_ms"] = config.target_latency_ms
+    report["refinement"] = [asdict(r) for r in refinement]
     report["devices"] = []
     if measure:
         onnx = (out / "model.onnx").read_bytes()
@@ -396,4 +342,4 @@ if __name__ == "__main__":  # pragma: no cover - `python -m search.cli`
     app(prog_name="figs")
 
 
-__all__ = ["DeviceLink", "app", "connect_devices", "device_tables", "verify_on_devices"]
+__all__ = ["app"]

@@ -38,8 +38,8 @@ class CostValues:
     latency_ms: dict[str, Tensor] = field(default_factory=dict)
 
     def as_floats(self) -> dict[str, float]:
-        out = {"params": float(self.params), "flops": float(self.flops)}
-        out |= {f"latency_ms/{device}": float(v) for device, v in self.latency_ms.items()}
+        out = {"params": float(self.params.detach()), "flops": float(self.flops.detach())}
+        out |= {f"latency_ms/{device}": float(v.detach()) for device, v in self.latency_ms.items()}
         return out
 
 

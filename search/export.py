@@ -1,4 +1,8 @@
-"""Export of the compact network (ONNX, architecture JSON) and its evaluation."""
+"""The device-facing end of a search: ONNX export, calibration and verification on the devices, evaluation.
+
+A searched network is only done when each device has measured it; this module holds everything between the
+trained supernet and that measurement (the search loop itself is ``search.trainer``).
+"""
 
 from __future__ import annotations
 
@@ -11,11 +15,20 @@ from typing import Any
 
 import numpy as np
 import torch
+from rich.console import Console
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from search.data import DataBundle
 from search.gates import GateConfig
-from search.service_client import DeviceService, TableLayer
+from search.service_client import (
+    DeviceService,
+    ServiceError,
+    ServiceUnavailableError,
+    TableLayer,
+    dense_tables,
+    table_layers,
+)
 from search.spaces.base import SearchSpace, create_space
 
 ONNX_OPSET = 17
@@ -122,15 +135,19 @@ class LatencyCalibration:
 
     @classmethod
     def fit(cls, points: list[tuple[float, float]]) -> LatencyCalibration:
+        """Theil-Sen line: the median of pairwise slopes, so one measurement disturbed by a busy machine (seen
+        here: one of four uniform models measured 3x its neighbours) does not tilt the map."""
         if len(points) < 2:
             raise ValueError("calibration needs at least two models")
         x = np.array([p[0] for p in points])
         y = np.array([p[1] for p in points])
-        scale, offset = np.polyfit(x, y, 1)
+        slopes = [(y[j] - y[i]) / (x[j] - x[i]) for i in range(len(x)) for j in range(i + 1, len(x)) if x[j] != x[i]]
+        scale = float(np.median(slopes)) if slopes else 0.0
         if not scale > 0.05:
             # Noise swamped the width effect: a proportional fit at least keeps the map monotone.
-            scale, offset = float(y.sum() / x.sum()), 0.0
-        return cls(offset_ms=float(offset), scale=float(scale), points=tuple(points))
+            return cls(offset_ms=0.0, scale=float(y.sum() / x.sum()), points=tuple(points))
+        offset = float(np.median(y - scale * x))
+        return cls(offset_ms=offset, scale=scale, points=tuple(points))
 
 
 def table_latency_ms(service: DeviceService, latency_layers: list[Any]) -> float:
@@ -140,15 +157,119 @@ def table_latency_ms(service: DeviceService, latency_layers: list[Any]) -> float
 
 
 def calibrate_device(
-    service: DeviceService, uniform_spaces: list[SearchSpace], *, in_channels: int, image_size: int
+    service: DeviceService, uniform_spaces: list[SearchSpace], *, in_channels: int, image_size: int, repeats: int = 2
 ) -> LatencyCalibration:
     """Measure each uniform-width space (all gates on, compacted) on the device and fit the table → measured map."""
     points = []
     for space in uniform_spaces:
         model, _ = space.compact(threshold=0.5)
-        measured = service.measure_model(onnx_bytes(model, in_channels, image_size)).median_ms
+        onnx = onnx_bytes(model, in_channels, image_size)
+        # Interference from other processes only ever adds time: the lowest of a few medians is the most faithful.
+        measured = min(service.measure_model(onnx).median_ms for _ in range(repeats))
         points.append((table_latency_ms(service, space.latency_layers()), measured))
     return LatencyCalibration.fit(points)
+
+
+@dataclass
+class DeviceLink:
+    """A device service and the name its tables and targets go by (its device id, made unique)."""
+
+    url: str
+    service: DeviceService
+    name: str = ""
+
+
+def connect_devices(urls: list[str], *, token: str | None = None, retries: int = 3) -> list[DeviceLink]:
+    if len(set(urls)) != len(urls):
+        raise ValueError("--device: the same URL is given twice")
+    return [DeviceLink(url=url, service=DeviceService(url, token, retries=retries)) for url in urls]
+
+
+def device_tables(
+    links: list[DeviceLink], space: SearchSpace, *, count_step: int, console: Console | None = None
+) -> dict[str, list[torch.Tensor]]:
+    """Ask every device for the space's latency tables (or take them from the cache) and name the devices."""
+    layers = space.latency_layers()
+    requests = table_layers(layers, count_step)
+    tables: dict[str, list[torch.Tensor]] = {}
+    for link in links:
+        answer = link.service.latency_tables(requests)
+        name = answer.device_id or link.url
+        link.name = name if name not in tables else f"{name}@{link.url}"
+        tables[link.name] = dense_tables(layers, answer)
+        if console is not None:
+            source = "cache (service unreachable)" if answer.from_cache else f"predictor {answer.predictor_version}"
+            console.print(f"tables for {link.name} from {source}: {len(requests)} layers", highlight=False)
+    return tables
+
+
+CALIBRATION_MULTIPLIERS = (0.25, 0.5, 0.75, 1.0)
+
+
+def calibrate_devices(
+    links: list[DeviceLink], space: str, bundle: DataBundle, console: Console
+) -> dict[str, LatencyCalibration]:
+    """Per device, the table → measured map from uniform-width models of ``space`` (all gates fixed on)."""
+    uniform = [
+        create_space(
+            space,
+            in_channels=bundle.in_channels,
+            num_classes=bundle.num_classes,
+            image_size=bundle.image_size,
+            width_multiplier=m,
+            gate=GateConfig(fixed_on=True),
+        )
+        for m in CALIBRATION_MULTIPLIERS
+    ]
+    calibrations = {}
+    for link in links:
+        calibration = calibrate_device(
+            link.service, uniform, in_channels=bundle.in_channels, image_size=bundle.image_size
+        )
+        calibrations[link.name] = calibration
+        console.print(
+            f"{link.name}: measured ≈ {calibration.offset_ms:.4f} + {calibration.scale:.3f} × table ms "
+            f"(uniform models measured {', '.join(f'{p[1]:.4f}' for p in calibration.points)} ms)",
+            highlight=False,
+        )
+    return calibrations
+
+
+def measure_on_devices(links: list[DeviceLink], model: nn.Module, bundle: DataBundle) -> dict[str, float]:
+    """Median measured latency of ``model`` on every device (for the refinement loop)."""
+    onnx = onnx_bytes(model, bundle.in_channels, bundle.image_size)
+    return {link.name: link.service.measure_model(onnx).median_ms for link in links}
+
+
+def verify_on_devices(
+    links: list[DeviceLink],
+    onnx: bytes,
+    targets: dict[str, float],
+    expected: dict[str, float],
+    calibrations: dict[str, LatencyCalibration],
+    console: Console,
+) -> list[dict[str, Any]]:
+    """Ask each device to predict and measure the exported model; a device that fails is reported, not fatal."""
+    rows = []
+    for link in links:
+        row: dict[str, Any] = {"device": link.name, "url": link.url, "target_ms": targets.get(link.name)}
+        table_ms = expected.get(f"latency_ms/{link.name}")
+        calibration = calibrations.get(link.name, LatencyCalibration.identity())
+        row["expected_ms"] = calibration.to_measured(table_ms) if table_ms is not None else None
+        try:
+            prediction = link.service.predict_model(onnx)
+            row["predicted_ms"] = prediction.total_ms
+            row["unmodelled"] = prediction.unmodelled
+        except (ServiceError, ServiceUnavailableError) as exc:
+            row["predict_error"] = str(exc)
+        try:
+            measurement = link.service.measure_model(onnx)
+            row.update(measured_ms=measurement.median_ms, p10_ms=measurement.p10_ms, p90_ms=measurement.p90_ms)
+        except (ServiceError, ServiceUnavailableError) as exc:
+            row["measure_error"] = str(exc)
+            console.print(f"{link.name}: {exc}", highlight=False)
+        rows.append(row)
+    return rows
 
 
 @torch.no_grad()
@@ -174,15 +295,22 @@ def evaluate(model: nn.Module, data: TensorDataset | DataLoader, *, batch_size: 
 
 
 __all__ = [
+    "CALIBRATION_MULTIPLIERS",
     "ONNX_OPSET",
+    "DeviceLink",
     "Evaluation",
     "LatencyCalibration",
     "calibrate_device",
+    "calibrate_devices",
+    "connect_devices",
+    "device_tables",
     "evaluate",
     "export_onnx",
     "load_checkpoint_space",
+    "measure_on_devices",
     "onnx_bytes",
     "read_architecture",
     "table_latency_ms",
+    "verify_on_devices",
     "write_architecture",
 ]

@@ -135,7 +135,10 @@ def probe(service: Service) -> Service:
             jobs = client.get("/v1/jobs", params={"limit": 1000})
             jobs.raise_for_status()
     except httpx.HTTPStatusError as exc:
-        service.healthy, service.problem = False, f"HTTP {exc.response.status_code} on {exc.request.url.path}"
+        code, path = exc.response.status_code, exc.request.url.path
+        # /v1/health needs no token: a 401 after it means the service is up and the token is wrong or missing.
+        service.healthy = code in (401, 403) and path != "/v1/health"
+        service.problem = f"HTTP {code} on {path}" + (" (check --token / FIGS_TOKEN)" if service.healthy else "")
         return service
     except httpx.HTTPError as exc:
         service.healthy, service.problem = False, f"unreachable ({exc.__class__.__name__})"
@@ -309,7 +312,10 @@ def list_services(file: FileOption = None, device: DeviceOption = None, token: T
         fail(str(exc))
     table = Table("url", "device id", "class", "backend", "queue", "health")
     for s in services:
-        health = "[green]ok[/green]" if s.healthy else f"[red]down[/red]: {s.problem}"
+        if s.healthy:
+            health = "[green]ok[/green]" + (f", [yellow]{s.problem}[/yellow]" if s.problem else "")
+        else:
+            health = f"[red]down[/red]: {s.problem}"
         table.add_row(s.url, s.device_id or "-", s.device_class or "-", s.backend or "-", str(s.queue), health)
     console.print(table)
 
@@ -356,10 +362,13 @@ def profile(
     """Shard a grid across the healthy services of one class; reassign a dead service's unfinished variants."""
     if (preset is None) == (ops is None):
         fail("ops: give exactly one of --preset and --ops")
+    grid = _read_ops(ops) if ops is not None else None  # bad input is reported before any network call
     try:
         services = [probe(s) for s in _services(file, device, token)]
     except ValueError as exc:
         fail(str(exc))
+    if not any(s.healthy for s in services):
+        fail("devices: no service answered: " + "; ".join(f"{s.url} {s.problem}" for s in services), code=3)
     classes = sorted({s.device_class for s in services if s.healthy and s.device_class})
     if device_class is None:
         if len(classes) != 1:
@@ -368,7 +377,8 @@ def profile(
     members = [s for s in services if s.healthy and s.device_class == device_class]
     if not members:
         fail(f"class: no healthy service of class {device_class!r}; healthy classes: {', '.join(classes) or 'none'}")
-    grid = _read_ops(ops) if ops is not None else _preset_ops(members[0], str(preset))
+    if grid is None:
+        grid = _preset_ops(members[0], str(preset))
     try:
         result = shard_and_wait(members, grid, force=force, poll_s=poll_s, down_after=down_after)
     except FarmError as exc:

@@ -28,7 +28,7 @@ def test_standard_preset_spans_the_layers_real_cnns_use() -> None:
     convs = [op for op in ops if isinstance(op, Conv2d)]
     depthwise = [op for op in convs if op.depthwise]
     assert {op.k for op in depthwise} >= {3, 5, 7}
-    assert {op.stride for op in convs} == {1, 2}
+    assert {op.stride for op in convs} >= {1, 2}
     assert {op.k for op in convs if not op.depthwise and op.groups == 1} >= {1, 3, 5, 7}
     assert any(1 < op.groups < op.cin for op in convs)
     hws = {op.hw for op in convs}

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 OpJson = dict[str, Any]
 JobStatus = Literal["queued", "running", "done", "failed", "cancelled"]
+Source = Literal["measured", "predicted"]
 
 
 class Health(BaseModel):
@@ -56,8 +57,9 @@ class JobPublic(BaseModel):
     id: int
     status: JobStatus
     total: int
-    done: int
+    done: int = Field(description="Items finished, including skipped ones")
     failed: int
+    skipped: int = Field(default=0, description="Items not measured: measured before (without force) or cancelled")
     error: str | None
     force: bool
     preset: str | None
@@ -116,7 +118,7 @@ class OpsRequest(BaseModel):
 
 class PredictResponse(BaseModel):
     latency_ms: list[float]
-    source: list[Literal["measured", "predicted"]]
+    source: list[Source]
     total_ms: float
     predictor_version: str
 

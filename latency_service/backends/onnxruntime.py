@@ -17,7 +17,6 @@ import time
 from typing import Any
 
 import numpy as np
-import onnx
 
 from latency_service.backends.base import Backend, BackendStatus, BackendUnavailable, Runnable
 from latency_service.backends.onnx_graphs import build_identity_model, build_op_model, random_inputs
@@ -33,7 +32,18 @@ else:
 
 OPTIMIZATION_LEVELS: tuple[str, ...] = ("disable", "basic", "extended", "all")
 _PROVIDER = "CPUExecutionProvider"
-_ALLOW_SPINNING = "1"
+_ALLOW_SPINNING = True
+# onnxruntime's type strings for graph inputs -> numpy dtypes, for binding random inputs of a user's model.
+_ORT_TYPES: dict[str, type[np.generic]] = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
 
 
 def _graph_level(name: str) -> Any:
@@ -121,7 +131,7 @@ class OnnxRuntimeBackend(Backend):
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = _graph_level(self.optimization_level)
-        options.add_session_config_entry("session.intra_op.allow_spinning", _ALLOW_SPINNING)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if _ALLOW_SPINNING else "0")
         options.log_severity_level = 3
         return options
 
@@ -134,13 +144,15 @@ class OnnxRuntimeBackend(Backend):
             "inter_op_threads": 1,
             "optimization_level": self.optimization_level,
             "execution_mode": "sequential",
-            "allow_spinning": _ALLOW_SPINNING == "1",
+            "allow_spinning": _ALLOW_SPINNING,
             "io_binding": True,
         }
 
+    def _session(self, model_bytes: bytes) -> Any:
+        return ort.InferenceSession(model_bytes, sess_options=self.session_options(), providers=[_PROVIDER])
+
     def _load(self, model_bytes: bytes, feeds: dict[str, np.ndarray]) -> OnnxRuntimeRunnable:
-        session = ort.InferenceSession(model_bytes, sess_options=self.session_options(), providers=[_PROVIDER])
-        return OnnxRuntimeRunnable(session, feeds, threads=self.intra_op_threads)
+        return OnnxRuntimeRunnable(self._session(model_bytes), feeds, threads=self.intra_op_threads)
 
     def prepare_op(self, op: OpSpec) -> Runnable:
         model = build_op_model(op)
@@ -149,15 +161,33 @@ class OnnxRuntimeBackend(Backend):
     def prepare_model(self, onnx_model: bytes) -> Runnable:
         """Load a user's model; anything onnx or onnxruntime refuses becomes a ValueError naming ``model``."""
         try:
-            model = onnx.load_model_from_string(onnx_model)
-            feeds = random_inputs(model)
-            return self._load(onnx_model, feeds)
+            # The session's own view of the inputs: no second parse of a model that may weigh hundreds of MB.
+            session = self._session(onnx_model)
+            feeds = _random_session_inputs(session)
+            return OnnxRuntimeRunnable(session, feeds, threads=self.intra_op_threads)
         except Exception as exc:  # protobuf's DecodeError, onnxruntime's InvalidGraph/Fail: one error for callers
             raise ValueError(f"model: onnxruntime cannot load it: {exc}") from exc
 
     def prepare_empty(self) -> Runnable:
         model = build_identity_model()
         return self._load(model.SerializeToString(), random_inputs(model))
+
+
+def _random_session_inputs(session: Any, *, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs (never zeros) for every input the session expects; symbolic dimensions become 1 (batch 1)."""
+    rng = np.random.default_rng(seed)
+    feeds: dict[str, np.ndarray] = {}
+    for meta in session.get_inputs():
+        dtype = _ORT_TYPES.get(meta.type)
+        if dtype is None:
+            raise ValueError(f"model: input {meta.name!r} has unsupported type {meta.type}")
+        shape = tuple(d if isinstance(d, int) and d > 0 else 1 for d in meta.shape)
+        if np.issubdtype(dtype, np.floating):
+            feeds[meta.name] = rng.standard_normal(size=shape).astype(dtype)
+        else:
+            # Small non-negative integers keep index-like inputs (gather ids, lengths) in range.
+            feeds[meta.name] = rng.integers(0, 2 if dtype is np.bool_ else 8, size=shape).astype(dtype)
+    return feeds
 
 
 __all__ = ["OPTIMIZATION_LEVELS", "OnnxRuntimeBackend", "OnnxRuntimeRunnable"]

@@ -1,11 +1,11 @@
 """Real .tflite flatbuffers for operator variants, written with the TFLite schema and no TensorFlow.
 
 The graphs use the builtin kernels the TFLite converter would emit for the same PyTorch layer, in NHWC: CONV_2D and
-DEPTHWISE_CONV_2D with RELU/RELU6 fused (the converter fuses only those two), HARD_SWISH, LOGISTIC, silu as
-x * LOGISTIC(x), hardsigmoid as RELU6(x + 3) / 6, batch-norm as MUL + ADD, MEAN for the global pool, channel shuffle
-as RESHAPE / TRANSPOSE / RESHAPE.  ``int8=True`` gives a full-integer model (int8 activations, per-channel symmetric
-conv weights, int32 biases) whose activation ranges come from calibrating the float model on random inputs -- the
-form the Edge TPU compiler requires.
+DEPTHWISE_CONV_2D with RELU/RELU6 fused (of the catalogue's activations, the converter fuses only those two),
+HARD_SWISH, LOGISTIC, silu as x * LOGISTIC(x), hardsigmoid as RELU6(x + 3) / 6, batch-norm as MUL + ADD, MEAN for
+the global pool, channel shuffle as RESHAPE / TRANSPOSE / RESHAPE.  ``int8=True`` gives a full-integer model (int8
+activations, per-channel symmetric conv weights, int32 biases) whose activation ranges come from calibrating the
+float model on random inputs -- the form the Edge TPU compiler requires.
 """
 
 from __future__ import annotations
@@ -239,8 +239,9 @@ def build_op_tflite(op: OpSpec, *, int8: bool = False, seed: int = 0, allow_grou
     """A .tflite model of one operator variant (float32, or full-integer int8 calibrated on random inputs).
 
     Grouped (non-depthwise) convs are a CONV_2D whose filter has cin/groups input channels: LiteRT's builtin and
-    XNNPACK kernels run them (checked with ai-edge-litert 2.3), older runtimes such as the Edge TPU compiler's
-    (TF 2.5 era) do not, hence ``allow_grouped_conv``.
+    XNNPACK kernels run them (checked with ai-edge-litert 2.3, float and int8).  TFLite gained them in 2.9, after
+    the Edge TPU compiler's converter (TF 2.5 era) was frozen, so the Edge TPU path refuses them
+    (``allow_grouped_conv=False``) rather than report a variant the TPU cannot map.
 
     Raises:
         UnsupportedForTFLite: naming the field that has no TFLite form (e.g. ``groups`` for grouped convs).

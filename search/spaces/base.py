@@ -216,7 +216,8 @@ def create_space(name: str, *, in_channels: int, num_classes: int, image_size: i
 
 def _import_builtin_spaces() -> None:
     import search.spaces.blocks
-    import search.spaces.cells  # noqa: F401
+    import search.spaces.cells
+    import search.spaces.from_module  # noqa: F401
 
 
 def iter_named_gates(space: SearchSpace) -> Iterator[tuple[str, ChannelGate | OperatorGate]]:

@@ -8,8 +8,9 @@ Format ``figs-arch/1``::
      "output": "classifier"}
 
 Node ops: ``conv``, ``linear``, ``add`` (optional ``act`` after the sum), ``concat`` (channels), ``act``,
-``maxpool`` / ``avgpool`` (``k``, ``stride``; padding ``k // 2`` as in the operator catalogue), ``global_avgpool``
-(to ``[B, C]``) and ``flatten``.  Nodes are listed in execution order; ``inputs`` name earlier nodes or ``input``.
+``maxpool`` / ``avgpool`` (``k``, ``stride``, ``padding``, default ``k // 2`` as in the operator catalogue),
+``global_avgpool`` (to ``[B, C]``) and ``flatten``.  Nodes are listed in execution order; ``inputs`` name
+earlier nodes or ``input``.
 """
 
 from __future__ import annotations
@@ -144,7 +145,10 @@ def _shape_walk(arch: dict[str, Any]) -> dict[str, tuple[int, int]]:
             shapes[name] = (sum(c for c, _ in in_shapes), size)
         elif op in ("maxpool", "avgpool"):
             k, stride = _positive_int(node, "k", where, 2), _positive_int(node, "stride", where, 2)
-            shapes[name] = (channels, (size + 2 * (k // 2) - k) // stride + 1)
+            padding = node.get("padding", k // 2)
+            if isinstance(padding, bool) or not isinstance(padding, int) or not 0 <= padding <= k // 2:
+                raise ArchitectureError(f"{where}.padding", f"must be an integer in [0, {k // 2}], got {padding!r}")
+            shapes[name] = (channels, (size + 2 * padding - k) // stride + 1)
         elif op in ("global_avgpool", "flatten"):
             shapes[name] = (channels if op == "global_avgpool" else channels * max(size, 1) ** 2, 0)
         else:
@@ -188,7 +192,7 @@ class CompactNet(nn.Module):
             elif op in ("maxpool", "avgpool"):
                 k, stride = node.get("k", 2), node.get("stride", 2)
                 pool = nn.MaxPool2d if op == "maxpool" else nn.AvgPool2d
-                self.layers[key] = pool(k, stride, k // 2)
+                self.layers[key] = pool(k, stride, node.get("padding", k // 2))
             elif op == "global_avgpool":
                 self.layers[key] = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
             elif op == "flatten":
@@ -267,11 +271,14 @@ def sliced_conv_weights(
     if in_idx is not None:
         weight = weight[:, in_idx]
     out: dict[str, Tensor] = {f"{prefix}.conv.weight": weight.clone()}
-    if unit.conv.bias is not None:
+    if unit.conv.bias is not None and unit.bn is None:
         out[f"{prefix}.conv.bias"] = unit.conv.bias.detach()[out_idx].clone()
     if unit.bn is not None:
         for key in ("weight", "bias", "running_mean", "running_var"):
             out[f"{prefix}.bn.{key}"] = getattr(unit.bn, key).detach()[out_idx].clone()
+        if unit.conv.bias is not None:
+            # A conv bias before BN is a shift of the running mean (compact conv-BN units carry no conv bias).
+            out[f"{prefix}.bn.running_mean"] -= unit.conv.bias.detach()[out_idx]
         tracked = unit.bn.num_batches_tracked
         if tracked is not None:
             out[f"{prefix}.bn.num_batches_tracked"] = tracked.detach().clone()

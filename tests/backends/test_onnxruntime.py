@@ -79,6 +79,17 @@ def test_prepare_model_takes_onnx_bytes(backend: OnnxRuntimeBackend) -> None:
     runnable.close()
 
 
+def test_prepare_model_binds_symbolic_batch_as_one(backend: OnnxRuntimeBackend) -> None:
+    model = build_op_model(Linear(cin=32, cout=8))
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    model.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    runnable = backend.prepare_model(model.SerializeToString())
+    assert isinstance(runnable, OnnxRuntimeRunnable)
+    assert runnable.input_arrays["x0"].shape == (1, 32) and np.count_nonzero(runnable.input_arrays["x0"]) == 32
+    assert runnable.time_once() > 0 and runnable.output_arrays[0].shape == (1, 8)
+    runnable.close()
+
+
 def test_prepare_model_refuses_garbage_naming_the_model(backend: OnnxRuntimeBackend) -> None:
     with pytest.raises(ValueError, match="model"):
         backend.prepare_model(b"definitely not a protobuf")

@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
@@ -25,6 +26,9 @@ from typer.testing import CliRunner
 
 from predictors.ops import OpSpec, op_from_dict
 from search.farm import Assignment, Service, farm_app, probe, shard_and_wait
+
+if TYPE_CHECKING:
+    from conftest import PostgresServer
 
 TOKEN = "farm-test-token"
 # The victim times each variant for VICTIM_MIN_TIME_S, long against the 0.2-2 s a busy service takes to answer, so
@@ -49,6 +53,10 @@ class RunningService:
     url: str
     db_path: Path
     process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log_tail(self) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-5:])
 
 
 def _start(
@@ -70,7 +78,7 @@ def _start(
     command = [sys.executable, "-m", "latency_service", "serve", "--backend", "onnxruntime", "--port", str(port)]
     command += [
         "--db",
-        f"sqlite:///{db_path}",
+        db_url or f"sqlite:///{db_path}",
         "--token",
         TOKEN,
         "--data-dir",
@@ -78,16 +86,16 @@ def _start(
         "--log-level",
         "warning",
     ]
-    log = (tmp / f"{name}.log").open("wb")
-    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    return RunningService(url=f"http://127.0.0.1:{port}", db_path=db_path, process=process)
+    log_path = tmp / f"{name}.log"
+    process = subprocess.Popen(command, env=env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
+    return RunningService(url=f"http://127.0.0.1:{port}", db_path=db_path, process=process, log_path=log_path)
 
 
 def _wait_healthy(service: RunningService, timeout_s: float = 180.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if service.process.poll() is not None:
-            raise RuntimeError(f"{service.url} exited with {service.process.returncode}")
+            raise RuntimeError(f"{service.url} exited with {service.process.returncode}:\n{service.log_tail()}")
         try:
             if httpx.get(f"{service.url}/v1/health", timeout=1.0).status_code == 200:
                 return
@@ -133,11 +141,13 @@ def _keys_in_db(path: Path, device_id: str) -> list[str]:
 def test_cli_lists_services_and_names_the_dead_one(farm: list[RunningService], tmp_path: Path) -> None:
     farm_file = tmp_path / "farm.json"
     dead_url = f"http://127.0.0.1:{_free_port()}"
-    farm_file.write_text(json.dumps({"token": TOKEN, "devices": [{"url": s.url} for s in farm] + [dead_url]}))
+    devices = [{"url": s.url} for s in farm] + [dead_url, {"url": farm[0].url, "token": "wrong"}]
+    farm_file.write_text(json.dumps({"token": TOKEN, "devices": devices}))
     result = CliRunner().invoke(farm_app, ["list", "--file", str(farm_file)], env={"COLUMNS": "250"})
     assert result.exit_code == 0, result.output
     assert result.output.count("farm-test-cpu") == 3
     assert "onnxruntime" in result.output and "unreachable" in result.output
+    assert "HTTP 401 on /v1/device (check --token" in result.output
 
 
 def test_cli_profile_tallies_what_was_measured_where(farm: list[RunningService], tmp_path: Path) -> None:
@@ -167,14 +177,22 @@ def test_cli_bad_input_exits_2_naming_the_field(args: list[str], message: str) -
     assert message in result.output
 
 
-def test_bad_op_in_file_is_named(tmp_path: Path) -> None:
+def test_cli_names_the_bad_op_before_contacting_any_service(tmp_path: Path) -> None:
     ops_file = tmp_path / "ops.json"
     ops_file.write_text(json.dumps([GRID[0], {"op": "conv2d", "cin": 0, "cout": 4, "hw": 8}]))
-    from search.farm import _read_ops
+    result = CliRunner().invoke(farm_app, ["profile", "--device", "http://127.0.0.1:9", "--ops", str(ops_file)])
+    assert result.exit_code == 2
+    assert "ops[1].cin: must be positive" in result.output
 
-    with pytest.raises(Exception) as info:
-        _read_ops(ops_file)
-    assert getattr(info.value, "exit_code", None) == 2
+
+def test_cli_exits_3_when_no_service_answers(tmp_path: Path) -> None:
+    ops_file = tmp_path / "ops.json"
+    ops_file.write_text(json.dumps(GRID[:1]))
+    result = CliRunner().invoke(
+        farm_app, ["profile", "--device", f"http://127.0.0.1:{_free_port()}", "--ops", str(ops_file)]
+    )
+    assert result.exit_code == 3
+    assert "no service answered" in result.output
 
 
 @pytest.mark.slow
@@ -192,9 +210,10 @@ def test_shared_postgres_store_fits_per_class_from_every_device(
         ops = [op_from_dict(spec) for spec in GRID[:6]]
         result = shard_and_wait(members, ops, poll_s=POLL_S, show_progress=False)
         assert sorted(len(keys) for keys in result.measured_by.values()) == [3, 3]
-        fit = httpx.post(f"{services[0].url}/v1/predictors/fit", headers={"Authorization": f"Bearer {TOKEN}"})
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        fit = httpx.post(f"{services[0].url}/v1/predictors/fit", headers=headers, timeout=120)
         assert fit.status_code == 200, fit.text
-        assert fit.json()["samples"] == 6  # three measured here, three on the other device of the class
+        assert fit.json()["samples"] == 6, fit.json()  # three measured here, three on the other device of the class
     finally:
         for service in services:
             service.process.send_signal(signal.SIGTERM)

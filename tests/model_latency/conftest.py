@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from latency_service.backends.onnxruntime import OnnxRuntimeBackend
 from model_latency_helpers import QUICK, TINY_PRIOR
 
+from latency_service.backends.onnxruntime import OnnxRuntimeBackend
 from latency_service.kernel_profiling import ProfiledNetwork, profile_kernels_in_context, reconcile_networks
 
 

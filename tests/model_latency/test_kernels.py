@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -11,7 +12,8 @@ import pytest
 
 from latency_service.kernel_generator import NetworkBuilder
 from latency_service.kernel_profiling import optimise
-from predictors.kernels import KERNEL_CLASSES, FEATURE_NAMES, KernelDecompositionError, decompose
+from predictors.kernel_shapes import KernelDecompositionError
+from predictors.kernels import FEATURE_NAMES, KERNEL_CLASSES, decompose
 
 
 def _residual_model() -> onnx.ModelProto:
@@ -63,7 +65,7 @@ def test_shapes_match_the_runtime_profiler(backend, tmp_path: Path) -> None:
         assert kernel.output_shapes[0] == runtime_shapes[kernel.name], kernel.name
 
 
-def export_torch(model: object, resolution: int, *, dynamo: bool) -> bytes:
+def export_torch(model: Any, resolution: int, *, dynamo: bool) -> bytes:
     """Both torch.onnx.export paths: TorchScript at opset 17, or the default dynamo exporter."""
     import io
     import logging
@@ -77,15 +79,16 @@ def export_torch(model: object, resolution: int, *, dynamo: bool) -> bytes:
         warnings.simplefilter("ignore")
         if dynamo:
             program = torch.onnx.export(model, (x,), dynamo=True, verbose=False)
+            assert program is not None
             return bytes(program.model_proto.SerializeToString())
         buffer = io.BytesIO()
-        torch.onnx.export(model, (x,), buffer, dynamo=False, opset_version=17)
+        torch.onnx.export(model, (x,), buffer, dynamo=False, opset_version=17)  # type: ignore[arg-type]
         return buffer.getvalue()
 
 
 class _SmallNet:
     @staticmethod
-    def build():  # type: ignore[no-untyped-def]
+    def build() -> Any:
         import torch
         from torch import nn
 

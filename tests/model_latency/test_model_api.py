@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -16,7 +16,14 @@ from latency_service.config import Settings
 from latency_service.kernel_generator import NetworkBuilder
 from latency_service.model_latency import fit_and_store
 
-FAST = {"warmup_runs": 2, "warmup_s": 0.0, "min_runs": 5, "min_time_s": 0.01, "max_time_s": 0.05, "max_attempts": 1}
+FAST: dict[str, Any] = {
+    "warmup_runs": 2,
+    "warmup_s": 0.0,
+    "min_runs": 5,
+    "min_time_s": 0.01,
+    "max_time_s": 0.05,
+    "max_attempts": 1,
+}
 OCTET = {"content-type": "application/octet-stream"}
 
 

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from model_latency_helpers import QUICK
 
+from latency_service.fusion_rules import detect_fusions
 from latency_service.kernel_generator import SamplingPrior, random_network
 from latency_service.kernel_profiling import (
     WALL_TRUST_BAND,
     block_size,
-    detect_fusions,
     fit_inflation,
     profile_network,
     reconcile,
@@ -60,7 +60,9 @@ def test_profiled_networks_add_up(profiled) -> None:
 
 
 def test_profile_network_attributes_every_kernel(backend) -> None:
-    model, description = random_network(np.random.default_rng(3), SamplingPrior(resolutions=(32,), resolution_weights=(1,)))
+    model, description = random_network(
+        np.random.default_rng(3), SamplingPrior(resolutions=(32,), resolution_weights=(1,))
+    )
     network = profile_network(
         backend, model, QUICK, overhead_ms=0.003, block=block_size(backend), network_id="t", description=description
     )

@@ -14,7 +14,7 @@ from sklearn.ensemble import ExtraTreesRegressor, GradientBoostingRegressor, Ran
 from sklearn.linear_model import LinearRegression, Ridge
 from sklearn.tree import DecisionTreeRegressor
 
-from predictors.portable import FORMAT_VERSION, Roofline, RooflineTerm, export_model, load_model
+from predictors.portable import FORMAT_VERSION, ByClass, Roofline, RooflineTerm, export_model, load_model
 from predictors.tree_eval import BitvectorScorer, TreeWalker
 
 
@@ -157,3 +157,15 @@ def test_malformed_trees_are_refused() -> None:
     short["trees"][0]["value"] = short["trees"][0]["value"][:-1]
     with pytest.raises(ValueError, match="equal length"):
         load_model(short)
+
+
+def test_by_class_routes_rows_and_defaults_unseen_classes() -> None:
+    x, y = _data()
+    classes = (x[:, 0] > 48).astype(float)
+    xc = np.column_stack([x, classes])
+    low = DecisionTreeRegressor(max_depth=3).fit(xc[classes == 0], y[classes == 0])
+    model = ByClass({0: export_model(low)}, class_column=3, n_features=4, default=0.0)
+    restored = load_model(json.loads(json.dumps(model.to_json())))
+    got = restored.predict(xc)
+    np.testing.assert_array_equal(got[classes == 0], low.predict(xc[classes == 0]))
+    assert (got[classes == 1] == 0.0).all()

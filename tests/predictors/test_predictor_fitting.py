@@ -69,6 +69,13 @@ def test_reports_compare_every_candidate_and_keep_the_best(fitted: Fitted) -> No
     assert by_kind["add"].mape is not None and by_kind["add"].n_samples == 6
 
 
+def test_kernel_classes_unseen_in_fitting_fall_back_to_the_pooled_roofline(fitted: Fitted) -> None:
+    predictor, _, _ = fitted
+    depthwise, grouped = Conv2d(cin=32, cout=32, hw=14, k=3, groups=32), Conv2d(cin=32, cout=64, hw=14, k=3, groups=4)
+    values = predictor.predict_ms([depthwise, grouped])
+    assert np.all(np.isfinite(values)) and np.all(values > 0)
+
+
 def test_measured_variants_come_from_the_table(fitted: Fitted) -> None:
     predictor, _, samples = fitted
     measured_op, measured_ms = samples[0]

@@ -111,9 +111,9 @@ def reachable_target(url: str) -> float:
 def test_search_export_evaluate_resume_end_to_end(service: LiveService, tmp_path: Path, cache_dir: Path) -> None:
     target = reachable_target(service.url)
     out = tmp_path / "run"
-    args = ["search", "--data", "digits", "--device", service.url, "--target-latency-ms", f"{target:.5f}"]
-    args += ["--steps", "30", "--finetune-steps", "20", "--out", str(out)]
-    result = runner.invoke(app, args)
+    base = ["search", "--data", "digits", "--device", service.url, "--target-latency-ms", f"{target:.5f}"]
+    base += ["--refine-rounds", "1", "--refine-steps", "10", "--out", str(out)]
+    result = runner.invoke(app, [*base, "--steps", "30", "--finetune-steps", "20"])
     assert result.exit_code == 0, result.output
     for name in ("arch.json", "model.onnx", "model.pt", "keep_probabilities.png", "trajectory.png", "report.json"):
         assert (out / name).is_file(), name
@@ -124,11 +124,13 @@ def test_search_export_evaluate_resume_end_to_end(service: LiveService, tmp_path
     assert row["expected_ms"] > 0
     assert report["calibration"]["test-cpu"]["scale"] > 0
     assert report["search"]["steps_done"] == 30
+    assert 1 <= len(report["refinement"]) <= 2 and report["refinement"][0]["measured_ms"]["test-cpu"] > 0
     assert "measured ms" in result.output and "test-cpu" in result.output
 
-    resumed = runner.invoke(app, [*args[:-4], "--steps", "40", "--finetune-steps", "0", "--out", str(out), "--resume"])
+    resumed = runner.invoke(app, [*base, "--steps", "40", "--finetune-steps", "0", "--resume"])
     assert resumed.exit_code == 0, resumed.output
-    assert json.loads((out / "report.json").read_text())["search"]["steps_done"] == 40
+    report = json.loads((out / "report.json").read_text())
+    assert report["search"]["steps_done"] == 40
 
     exported = tmp_path / "exported"
     result = runner.invoke(app, ["export", "--checkpoint", str(out / "checkpoint.pt"), "--out", str(exported)])

@@ -1,4 +1,4 @@
-"""Exact expectations over Poisson-binomial counts: against a reference recursion, Monte Carlo and finite differences."""
+"""Exact expectations over Poisson-binomial counts: against a reference recursion, Monte Carlo, finite differences."""
 
 from __future__ import annotations
 
@@ -15,7 +15,13 @@ from search.expected import (
     poisson_binomial_pmf,
 )
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> None:
+    # Tiny tensors: a second intra-op thread only adds contention on the shared 2-core machine.
+    torch.set_num_threads(1)
 
 
 def reference_pmf(p: torch.Tensor) -> torch.Tensor:

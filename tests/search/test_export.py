@@ -90,6 +90,8 @@ def test_calibration_fit_and_inverse() -> None:
     assert calibration.to_measured(calibration.to_table(0.5)) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="two"):
         LatencyCalibration.fit([(1.0, 1.0)])
+    disturbed = LatencyCalibration.fit([(1.0, 0.35), (2.0, 0.55), (3.0, 2.0), (4.0, 0.95)])  # one busy-machine outlier
+    assert disturbed.scale == pytest.approx(0.2)
     flat = LatencyCalibration.fit([(1.0, 0.5), (2.0, 0.49)])  # noise, not a width effect: proportional fallback
     assert flat.offset_ms == 0.0 and flat.scale > 0
 

@@ -20,7 +20,13 @@ from search.gates import (
     reinforce_surrogate,
 )
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> None:
+    # Tiny tensors: a second intra-op thread only adds contention on the shared 2-core machine.
+    torch.set_num_threads(1)
 
 
 def gate_with(log_odds: list[float], **config: object) -> ChannelGate:
@@ -87,7 +93,8 @@ def test_group_probability_and_mask_are_or_of_members() -> None:
     group = GateGroup([a, b])
     pa, pb = a.keep_probability(), b.keep_probability()
     torch.testing.assert_close(group.keep_probability(), 1 - (1 - pa) * (1 - pb))
-    a.refresh(), b.refresh()
+    a.refresh()
+    b.refresh()
     torch.testing.assert_close(group.mask(), torch.maximum(a.mask(), b.mask()))
     with pytest.raises(ValueError, match="members"):
         GateGroup([a, gate_with([0.0, 0.0])])
@@ -129,20 +136,20 @@ def test_reinforce_estimates_the_gradient_of_an_expectation() -> None:
     gate = gate_with(log_odds, estimator="reinforce", keep_first_alive=False)
     weights = torch.tensor([1.0, -2.0, 3.0])
     baseline = ReinforceBaseline(decay=0.9)
-    total = torch.zeros(3)
-    rounds = 3000
-    for _ in range(rounds):
+    grads: list[torch.Tensor] = []
+    for _ in range(1000):
         gate.log_odds.grad = None
         mask = gate.sample()
         loss = (mask * weights).sum()
         reinforce_surrogate([gate], loss, baseline).backward()
         assert gate.log_odds.grad is not None
-        total += gate.log_odds.grad
-    estimate = total / rounds
-    # d/dℓ E[Σ wᵢ mᵢ] = wᵢ σ(ℓᵢ)(1 − σ(ℓᵢ))
+        grads.append(gate.log_odds.grad.clone())
+    per_round = torch.stack(grads)
+    estimate, stderr = per_round.mean(0), per_round.std(0) / math.sqrt(len(grads))
+    # d/dℓ E[Σ wᵢ mᵢ] = wᵢ σ(ℓᵢ)(1 − σ(ℓᵢ)); the baseline changes the variance, not the mean.
     p = torch.sigmoid(torch.tensor(log_odds))
     truth = weights * p * (1 - p)
-    assert bool(((estimate - truth).abs() < 0.1 + 0.1 * truth.abs()).all()), (estimate, truth)
+    assert bool(((estimate - truth).abs() < 5 * stderr).all()), (estimate, truth, stderr)
 
 
 def test_log_prob_is_bernoulli_log_likelihood() -> None:

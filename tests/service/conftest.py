@@ -17,7 +17,13 @@ def fast_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, str]:
     for name in list(os.environ):
         if name.startswith("FIGS_"):
             monkeypatch.delenv(name)
-    env = {**FAST_MEASUREMENT_ENV, "FIGS_DATA_DIR": str(tmp_path / "data"), "FIGS_DEVICE_ID": "test-device"}
+    env = {
+        **FAST_MEASUREMENT_ENV,
+        "FIGS_DATA_DIR": str(tmp_path / "data"),
+        "FIGS_DEVICE_ID": "test-device",
+        # The test's own host-wide lock: its processes still take turns, but never wait for a benchmark next door.
+        "FIGS_MEASURE_LOCK_PATH": str(tmp_path / "measure.lock"),
+    }
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     return env

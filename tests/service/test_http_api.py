@@ -28,7 +28,8 @@ RELUS = [{"op": "relu", "c": c, "hw": 4} for c in (4, 8)]
 
 
 def make_settings(data_dir: Path, **overrides: Any) -> Settings:
-    return Settings(data_dir=data_dir, device_id="api-test", **{**FAST, **overrides})
+    lock = str(data_dir / "measure.lock")
+    return Settings(data_dir=data_dir, device_id="api-test", measure_lock_path=lock, **{**FAST, **overrides})
 
 
 def wait_done(client: TestClient, job_id: int, timeout: float = 60) -> dict[str, Any]:
@@ -69,6 +70,15 @@ def test_health_device_and_backends(client: TestClient) -> None:
     backends = {b["name"]: b for b in client.get("/v1/backends").json()}
     assert backends["onnxruntime"]["available"] is True
     assert all(b["reason"] for b in backends.values() if not b["available"])
+
+
+def test_unavailable_backend_is_503_for_jobs(tmp_path: Path) -> None:
+    with TestClient(create_app(make_settings(tmp_path, backend="tensorrt"))) as client:
+        assert client.get("/v1/health").status_code == 200
+        assert client.get("/v1/device").json()["backend_version"] == "unavailable"
+        response = client.post("/v1/jobs", json={"preset": "smoke"})
+        assert response.status_code == 503 and "tensorrt" in response.json()["detail"]
+        assert client.get("/v1/jobs").json() == []
 
 
 def test_presets_are_served(client: TestClient) -> None:
@@ -118,6 +128,13 @@ def test_job_request_errors(client: TestClient) -> None:
     assert client.get("/v1/jobs/424242").status_code == 404
     assert client.delete("/v1/jobs/424242").status_code == 404
     assert client.get("/v1/measurements", params={"op": "conv3d"}).status_code == 422
+
+
+def test_table_cell_cap_is_422(tmp_path: Path) -> None:
+    with TestClient(create_app(make_settings(tmp_path, max_table_entries=10))) as client:
+        layer = {"op": CONVS[-1], "cin_counts": [1, 2, 3, 4], "cout_counts": [1, 2, 3]}
+        assert field_error(client.post("/v1/tables", json={"layers": [layer]})) == ["body", "layers"]
+        assert field_error(client.post("/v1/tables", json={"layers": []})) == ["body", "layers"]
 
 
 def test_body_over_the_cap_is_413(client: TestClient) -> None:

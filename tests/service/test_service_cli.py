@@ -39,7 +39,9 @@ def test_profile_fit_predict_locally(fast_env: dict[str, str], sqlite_url: str, 
     ops_file = write_ops(tmp_path / "ops.json", {"ops": tiny_ops(4)})
     profiled = runner.invoke(app, ["profile", "--ops", str(ops_file), "--db", sqlite_url])
     assert profiled.exit_code == 0, profiled.output
-    assert "4 done, 0 failed of 4" in profiled.output
+    assert "4 done (0 measured before), 0 failed of 4" in profiled.output
+    again = runner.invoke(app, ["profile", "--ops", str(ops_file), "--db", sqlite_url])
+    assert again.exit_code == 0 and "4 done (4 measured before)" in again.output
     fitted = runner.invoke(app, ["fit", "--db", sqlite_url])
     assert fitted.exit_code == 0, fitted.output
     assert "conv2d" in fitted.output and "relu" in fitted.output

@@ -54,7 +54,8 @@ def test_results_survive_a_restart(service_factory: ServiceFactory, sqlite_url: 
         assert client.get(f"/v1/jobs/{job.json()['id']}").json()["done"] == 4
         # Already measured on this device: a new job skips every variant.
         again = client.post("/v1/jobs", json={"ops": tiny_ops(4)}).json()
-        assert wait_for_job(client, again["id"])["done"] == 4
+        finished = wait_for_job(client, again["id"])
+        assert finished["done"] == 4 and finished["skipped"] == 4
     assert len(stored_measurements(db_url)) == 4
 
 

@@ -7,6 +7,7 @@ from latency_service.api.deps import ServiceDep, SessionDep, WorkerDep
 from latency_service.api.errors import parse_ops
 from latency_service.api.schemas import JobCreate, JobCreated, JobPublic
 from latency_service.backends import BackendUnavailable
+from latency_service.models import Job
 from latency_service.presets import preset_ops
 
 router = APIRouter(tags=["jobs"])
@@ -27,17 +28,21 @@ def create_job(body: JobCreate, service: ServiceDep, session: SessionDep, worker
     return JobCreated(id=job.id, status="queued", total=job.total)
 
 
+def _public(session: SessionDep, jobs: list[Job]) -> list[JobPublic]:
+    skipped = store.skipped_counts(session=session, job_ids=[job.id for job in jobs])
+    return [JobPublic.model_validate(job).model_copy(update={"skipped": skipped[job.id]}) for job in jobs]
+
+
 @router.get("/v1/jobs")
 def list_jobs(
     service: ServiceDep, session: SessionDep, limit: int = Query(default=50, ge=1, le=1000)
 ) -> list[JobPublic]:
-    jobs = store.list_jobs(session=session, device_id=service.device_id, limit=limit)
-    return [JobPublic.model_validate(job) for job in jobs]
+    return _public(session, store.list_jobs(session=session, device_id=service.device_id, limit=limit))
 
 
 @router.get("/v1/jobs/{job_id}")
 def get_job(job_id: int, session: SessionDep) -> JobPublic:
-    return JobPublic.model_validate(store.job_progress(session=session, job_id=job_id))
+    return _public(session, [store.job_progress(session=session, job_id=job_id)])[0]
 
 
 @router.delete("/v1/jobs/{job_id}")
@@ -45,4 +50,4 @@ def cancel_job(job_id: int, session: SessionDep) -> JobPublic:
     """Cancel: a queued job never starts, a running one stops before its next variant."""
     job = store.cancel_job(session=session, job_id=job_id)
     session.commit()
-    return JobPublic.model_validate(job)
+    return _public(session, [job])[0]

@@ -1,12 +1,13 @@
 from __future__ import annotations
 
 import math
+from typing import cast
 
 from fastapi import APIRouter
 
 from latency_service.api.deps import ServiceDep, SessionDep
 from latency_service.api.errors import parse_ops
-from latency_service.api.schemas import OpsRequest, PredictResponse
+from latency_service.api.schemas import OpsRequest, PredictResponse, Source
 
 router = APIRouter(tags=["predict"])
 
@@ -20,7 +21,7 @@ def predict(body: OpsRequest, service: ServiceDep, session: SessionDep) -> Predi
     latency_ms = [float(ms) for ms, _ in predictions]
     return PredictResponse(
         latency_ms=latency_ms,
-        source=[source for _, source in predictions],  # type: ignore[misc]
+        source=[cast(Source, source) for _, source in predictions],
         total_ms=math.fsum(latency_ms),
         predictor_version=version,
     )
