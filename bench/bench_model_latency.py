@@ -61,8 +61,10 @@ def export_models(n_models: int, cache: Path, seed: int) -> list[dict]:
                 from bench.model_families import export_onnx
 
                 model, resolution = random_member(family, np.random.default_rng(member_seed))
-                path.write_bytes(export_onnx(model, resolution, dynamo=exporter == "dynamo"))
+                exported = export_onnx(model, resolution, dynamo=exporter == "dynamo")
+                # The metadata first: a file's existence is what tells another run that the export is complete.
                 meta.write_text(json.dumps({"resolution": resolution, "layers": _layer_specs(model, resolution)}))
+                path.write_bytes(exported)
             info = json.loads(meta.read_text())
             entries.append({"index": i, "family": family, "exporter": exporter, "path": path, **info})
     return entries

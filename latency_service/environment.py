@@ -113,6 +113,9 @@ def _static_facts() -> dict[str, Any]:
     }
 
 
+MIN_PROBE_WINDOW_S = 0.1
+
+
 class OtherLoadProbe:
     """Cores kept busy by other processes (and by the hypervisor, as steal) between ``start`` and ``stop``."""
 
@@ -144,8 +147,8 @@ class OtherLoadProbe:
         busy0, own0, wall0 = self._start
         wall = time.perf_counter() - wall0
         others = (busy - busy0) - (time.process_time() - own0)
-        # /proc/stat counts in 10 ms ticks: below ~0.2 s windows the estimate is mostly rounding.
-        return max(0.0, others / wall) if wall >= 0.2 else None
+        # /proc/stat counts in 10 ms ticks: under 0.1 s the rounding (±0.2 cores at 0.1 s) nears the threshold.
+        return max(0.0, others / wall) if wall >= MIN_PROBE_WINDOW_S else None
 
 
 def host_environment() -> dict[str, Any]:

@@ -266,8 +266,10 @@ def measure(runnable: Runnable, config: MeasurementConfig, *, overhead_ms: float
         while attempts < config.max_attempts and (best is None or best.flagged) and contended_in_a_row < 2:
             attempts += 1
             with _realtime(config.realtime and getattr(runnable, "threads", 1) == 1):
-                _warm_up(runnable, config)
+                # The probe spans the warm-up too: a fast kernel's timed window alone (20 000 runs of 3 µs) is too
+                # short for /proc/stat's 10 ms ticks.
                 probe.start()
+                _warm_up(runnable, config)
                 samples = _collect_samples(runnable, config)
                 other_load = probe.stop()
             stats = summarize(samples, config, overhead_ms=overhead_ms, other_load=other_load)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import onnx
@@ -21,8 +21,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from latency_service import store
 from latency_service.backends.base import Backend
 from latency_service.db import transaction
+from latency_service.fusion_rules import FusionRule, detect_fusions
 from latency_service.kernel_fit import DEFAULT_METHOD, KernelPredictor, compare_methods, fit_kernel_predictor
-from latency_service.kernel_models import KernelPredictorRow, KernelSampleRow, ProfiledNetworkRow
+from latency_service.kernel_generator import SamplingPrior
+from latency_service.kernel_models import FusionRuleRow, KernelPredictorRow, KernelSampleRow, ProfiledNetworkRow
 from latency_service.kernel_profiling import (
     STANDARD_BUDGET_S,
     KernelSample,
@@ -135,10 +137,18 @@ def latest_kernel_predictor(*, session: Session, device_class: str) -> tuple[Ker
     return KernelPredictor.from_json(row.payload), row
 
 
-def predict_model(model_bytes: bytes, *, session: Session, device: Any, settings: Any, backend: Backend) -> dict:
-    """Predicted whole-model latency on ``device`` (a ServiceState-like object with ``device_class``)."""
+def predict_model(
+    model_bytes: bytes, *, session: Session, device: Any, settings: Any, backend: Backend | None = None
+) -> dict[str, Any]:
+    """Predicted whole-model latency on ``device`` (anything with a ``device_class``: the service state, a Device row).
+
+    ``backend`` defaults to the one ``settings`` configure; its optimiser decides the kernels.
+    """
+    from latency_service.jobs import configured_backend
+
+    validate_model(model_bytes)
     predictor, _ = latest_kernel_predictor(session=session, device_class=device.device_class)
-    return predict_with(predictor, backend, model_bytes)
+    return predict_with(predictor, backend or configured_backend(settings), model_bytes)
 
 
 def measure_model(
@@ -219,6 +229,34 @@ def save_profiled_networks(
             count += 1
     session.flush()
     return count
+
+
+def save_fusion_rules(*, session: Session, device_id: str, rules: Sequence[FusionRule]) -> None:
+    for rule in rules:
+        session.add(
+            FusionRuleRow(
+                device_id=device_id,
+                first_op=rule.first,
+                second_op=rule.second,
+                fused=rule.fused,
+                first_ms=rule.first_ms,
+                second_ms=rule.second_ms,
+                chained_ms=rule.chained_ms,
+                kernels_in_chain=rule.kernels_in_chain,
+            )
+        )
+    session.flush()
+
+
+def latest_fusion_rules(*, session: Session, device_id: str) -> list[FusionRuleRow]:
+    """The newest measurement of every operator pair on this device."""
+    rows = session.scalars(
+        select(FusionRuleRow).where(FusionRuleRow.device_id == device_id).order_by(FusionRuleRow.id.desc())
+    ).all()
+    newest: dict[tuple[str, str], FusionRuleRow] = {}
+    for row in rows:
+        newest.setdefault((row.first_op, row.second_op), row)
+    return list(newest.values())
 
 
 def clear_kernel_samples(*, session: Session, device_id: str) -> None:
@@ -303,6 +341,8 @@ def run_in_context_profiling(
     budget_s: float = STANDARD_BUDGET_S,
     progress: ProgressCallback | None = None,
     lock: AbstractContextManager[Any] | None = None,
+    prior: SamplingPrior | None = None,
+    config: MeasurementConfig | None = None,
 ) -> KernelPredictorRow:
     """The ``standard`` preset's whole-model part: profile in context, store samples, fit and store the predictor.
 
@@ -310,11 +350,16 @@ def run_in_context_profiling(
     """
     backend = measuring.backend
     networks: list[ProfiledNetwork] = []
-    profile_kernels_in_context(backend, budget_s=budget_s, progress=progress, networks_out=networks, lock=lock)
+    with lock if lock is not None else nullcontext():
+        rules = detect_fusions(backend, config)
+    profile_kernels_in_context(
+        backend, config, budget_s=budget_s, progress=progress, networks_out=networks, lock=lock, prior=prior
+    )
     if not networks:
         raise RuntimeError(f"in-context profiling produced no network in {budget_s:.0f} s")
     with transaction(session_factory) as session:
         clear_kernel_samples(session=session, device_id=device_id)
+        save_fusion_rules(session=session, device_id=device_id, rules=rules)
         save_profiled_networks(
             session=session, device_id=device_id, networks=networks, environment=measuring.environment()
         )
@@ -336,12 +381,14 @@ __all__ = [
     "NoKernelPredictorError",
     "clear_kernel_samples",
     "fit_and_store",
+    "latest_fusion_rules",
     "latest_kernel_predictor",
     "measure_model",
     "model_sha256",
     "predict_model",
     "predict_with",
     "run_in_context_profiling",
+    "save_fusion_rules",
     "save_profiled_networks",
     "stored_kernel_samples",
     "validate_model",

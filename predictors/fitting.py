@@ -31,6 +31,7 @@ import numpy as np
 
 from predictors.candidates import (
     CANDIDATES,
+    DEFAULT_CANDIDATES,
     LOG_MS,
     MS,
     Components,
@@ -201,7 +202,7 @@ class LatencyPredictor:
 
 
 def _fit_kind(
-    kind: str, ops: list[OpSpec], y_ms: np.ndarray, *, seed: int, cv_folds: int
+    kind: str, ops: list[OpSpec], y_ms: np.ndarray, *, seed: int, cv_folds: int, candidates: Sequence[str]
 ) -> tuple[Components, FitReport]:
     x = feature_matrix(ops)
     n = len(y_ms)
@@ -226,7 +227,7 @@ def _fit_kind(
 
     splitter = KFold(n_splits=min(cv_folds, n), shuffle=True, random_state=seed)
     folds = list(splitter.split(x))
-    errors_by_name = cross_validated_errors(x, y_ms, kind=kind, folds=folds, seed=seed)
+    errors_by_name = cross_validated_errors(x, y_ms, kind=kind, folds=folds, seed=seed, names=candidates)
     # Ties go to the earlier (simpler) candidate: min() keeps the first of equal values.
     winner = min(errors_by_name, key=lambda name: float(errors_by_name[name].mean()))
     errors = errors_by_name[winner]
@@ -240,18 +241,27 @@ def _fit_kind(
 
 
 def fit_predictors(
-    samples: Sequence[tuple[OpSpec, float]], *, seed: int = 0, cv_folds: int = 5
+    samples: Sequence[tuple[OpSpec, float]],
+    *,
+    seed: int = 0,
+    cv_folds: int = 5,
+    candidates: Sequence[str] = DEFAULT_CANDIDATES,
 ) -> tuple[LatencyPredictor, list[FitReport]]:
     """Fit one predictor per operator kind from ``(op, median_ms)`` samples.
 
     Repeated measurements of one variant are merged to their median first, so folds hold out whole variants.
+    ``candidates`` names the regressors compared (keys of ``predictors.candidates.CANDIDATES``); the benchmark
+    passes all of them.
 
     Raises:
-        ValueError: a sample is not ``(OpSpec, positive finite ms)`` (the message names ``samples[i]``), or
-            ``cv_folds`` is below 2.
+        ValueError: a sample is not ``(OpSpec, positive finite ms)`` (the message names ``samples[i]``),
+            ``cv_folds`` is below 2, or ``candidates`` is empty or names an unknown regressor.
     """
     if cv_folds < 2:
         raise ValueError(f"cv_folds: must be at least 2, got {cv_folds}")
+    unknown = [name for name in candidates if name not in CANDIDATES]
+    if unknown or not candidates:
+        raise ValueError(f"candidates: choose from {', '.join(CANDIDATES)}; got {list(candidates)!r}")
     by_kind: dict[str, dict[str, tuple[OpSpec, list[float]]]] = defaultdict(dict)
     for i, sample in enumerate(samples):
         if not isinstance(sample, tuple | list) or len(sample) != 2 or not isinstance(sample[0], OpSpec):
@@ -267,7 +277,7 @@ def fit_predictors(
         variants = list(by_kind[kind].values())
         ops = [op for op, _ in variants]
         y_ms = np.array([float(np.median(values)) for _, values in variants])
-        components, report = _fit_kind(kind, ops, y_ms, seed=seed, cv_folds=cv_folds)
+        components, report = _fit_kind(kind, ops, y_ms, seed=seed, cv_folds=cv_folds, candidates=candidates)
         table = {op.key: float(ms) for op, ms in zip(ops, y_ms, strict=True)}
         predictors[kind] = KindPredictor(kind, table=table, components=components, model=report.model)
         reports.append(report)
@@ -276,6 +286,7 @@ def fit_predictors(
 
 __all__ = [
     "CANDIDATES",
+    "DEFAULT_CANDIDATES",
     "FitReport",
     "KindPredictor",
     "LatencyPredictor",

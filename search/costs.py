@@ -13,7 +13,6 @@ one contraction, so the cost terms stay a small fraction of a training step.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -24,6 +23,14 @@ from torch import Tensor, nn
 from search.cost_plan import CountPlan, UnsupportedSource
 from search.expected import poisson_binomial_pmf
 from search.gates import AnyOf, ChannelGate, ChannelSource, GateConcat, GateGroup, OperatorGate, OperatorGated
+from search.penalties import (
+    CostTargets,
+    LagrangianPenalty,
+    hinge,
+    log_hinge,
+    make_lagrangians,
+    total_penalty,
+)
 from search.spaces.base import LatencyLayer, SearchSpace
 
 Mode = Literal["exact", "plugin"]
@@ -141,10 +148,6 @@ class CostModel:
                 _gates_of(source, gates)
         self._gates = list(gates.values())
         self._memo: tuple[tuple[object, ...], CostValues] | None = None
-        try:
-            self.plan: CountPlan | None = CountPlan(self.layers, rows, cols)
-        except UnsupportedSource:
-            self.plan = None
         coefficients = torch.tensor([layer.cost_coefficients() for layer in self.layers], dtype=torch.float32)
         self._flops_a, self._flops_b, self._params_a, self._params_b = coefficients.unbind(1)
         self._full_cin = torch.tensor([float(layer.cin) for layer in self.layers])
@@ -153,6 +156,19 @@ class CostModel:
         self._fixed_out = torch.tensor([not layer.output_gated for layer in self.layers])
         self._count_rows = torch.arange(rows, dtype=torch.float32)
         self._count_cols = torch.arange(cols, dtype=torch.float32)
+        try:
+            self.plan: CountPlan | None = CountPlan(self.layers, rows, cols)
+        except UnsupportedSource:
+            self.plan = None
+        if self.plan is not None:
+            # Flat positions of every table entry's (input, output) probabilities in the plan's source-pmf matrix.
+            self._pmf_width = max(rows, cols)
+            entry_layers = self._entry_layer
+            self._flat_in = self.plan.in_index[entry_layers] * self._pmf_width + self._entry_in % rows
+            self._flat_out = self.plan.out_index[entry_layers] * self._pmf_width + self._entry_out % cols
+            self._coef_bilinear = torch.stack([self._flops_a, self._params_a])
+            self._coef_linear = torch.stack([self._flops_b, self._params_b])
+            self._pmf_counts = torch.arange(self._pmf_width, dtype=torch.float32)
 
     @classmethod
     def from_space(
@@ -215,18 +231,24 @@ class CostModel:
         switches = plan.switches()
         atom_probs = plan.atom_probabilities(switches)
         op_prob = switches[plan.layer_switch]
-        rows, cols = self._tables.shape[2], self._tables.shape[3]
-        pmf_in = pmf_out = None
         if self.mode == "exact":
-            pmfs = plan.source_pmfs(switches, atom_probs, max(rows, cols))
-            pmf_in, pmf_out = pmfs[plan.in_index, :rows], pmfs[plan.out_index, :cols]
-            count_in = torch.where(plan.fixed_in, self._full_cin, pmf_in @ self._count_rows)
-            count_out = torch.where(plan.fixed_out, self._full_cout, pmf_out @ self._count_cols)
-        else:
-            means = plan.source_means(switches, atom_probs)
+            # Every operation here is batched over all layers and devices: a fixed ~20 tensor operations a step.
+            pmfs = plan.source_pmfs(switches, atom_probs, self._pmf_width)
+            means = pmfs @ self._pmf_counts
             count_in = torch.where(plan.fixed_in, self._full_cin, means[plan.in_index])
             count_out = torch.where(plan.fixed_out, self._full_cout, means[plan.out_index])
-        return self._combine(op_prob, count_in, count_out, pmf_in, pmf_out)
+            flops, params = (self._coef_bilinear * (count_in * count_out) + self._coef_linear * count_out) @ op_prob
+            latency: dict[str, Tensor] = {}
+            if self.devices:
+                flat = pmfs.flatten()
+                weight = flat[self._flat_in] * flat[self._flat_out] * op_prob[self._entry_layer]
+                totals = self._ragged @ weight
+                latency = {device: totals[d] for d, device in enumerate(self.devices)}
+            return CostValues(params=params, flops=flops, latency_ms=latency)
+        means = plan.source_means(switches, atom_probs)
+        count_in = torch.where(plan.fixed_in, self._full_cin, means[plan.in_index])
+        count_out = torch.where(plan.fixed_out, self._full_cout, means[plan.out_index])
+        return self._combine(op_prob, count_in, count_out, None, None)
 
     def _combine(
         self, op_prob: Tensor, count_in: Tensor, count_out: Tensor, pmf_in: Tensor | None, pmf_out: Tensor | None
@@ -321,111 +343,6 @@ class CostModel:
 
     def _shapes(self) -> list[tuple[int, int]]:
         return [layer.table_shape for layer in self.layers]
-
-
-# ---- penalties --------------------------------------------------------------------------------------------------
-def hinge(value: Tensor, target: float) -> Tensor:
-    """relu(value / target − 1): zero inside the budget, relative overshoot outside (unit-free, so terms add)."""
-    if not target > 0:
-        raise ValueError(f"target: must be positive, got {target}")
-    return torch.relu(value / target - 1)
-
-
-def log_hinge(value: Tensor, target: float) -> Tensor:
-    """relu(log(value / target)): symmetric in ratio, so 2× over weighs like 2× under would."""
-    if not target > 0:
-        raise ValueError(f"target: must be positive, got {target}")
-    return torch.relu(torch.log(value.clamp_min(1e-12) / target))
-
-
-class LagrangianPenalty(nn.Module):
-    """λ·(value / target − 1) with λ ≥ 0 raised by gradient ascent while the constraint is violated.
-
-    The target is fixed at construction or passed with each call (the call's wins).
-    """
-
-    multiplier: Tensor
-
-    def __init__(self, target: float | None = None, *, lr: float = 0.05, initial: float = 0.0) -> None:
-        super().__init__()
-        if target is not None and not target > 0:
-            raise ValueError(f"target: must be positive, got {target}")
-        if lr <= 0:
-            raise ValueError(f"lr: must be positive, got {lr}")
-        self.target = None if target is None else float(target)
-        self.lr = float(lr)
-        self.register_buffer("multiplier", torch.tensor(max(0.0, float(initial))))
-
-    def violation(self, value: Tensor, target: float | None = None) -> Tensor:
-        goal = target if target is not None else self.target
-        if goal is None or not goal > 0:
-            raise ValueError(f"target: must be a positive number, got {goal}")
-        return value / goal - 1
-
-    def forward(self, value: Tensor, target: float | None = None) -> Tensor:
-        return self.multiplier.detach() * self.violation(value, target)
-
-    @torch.no_grad()
-    def update(self, value: Tensor, target: float | None = None) -> float:
-        """One dual ascent step; returns the new λ."""
-        self.multiplier.add_(self.lr * self.violation(value.detach(), target)).clamp_(min=0.0)
-        return float(self.multiplier)
-
-
-@dataclass
-class CostTargets:
-    latency_ms: dict[str, float] = field(default_factory=dict)
-    flops: float | None = None
-    params: float | None = None
-
-    def items(self, values: CostValues) -> list[tuple[str, Tensor, float]]:
-        out = [(f"latency_ms/{d}", values.latency_ms[d], t) for d, t in self.latency_ms.items()]
-        if self.flops is not None:
-            out.append(("flops", values.flops, self.flops))
-        if self.params is not None:
-            out.append(("params", values.params, self.params))
-        for name, _, target in out:
-            if not (target > 0 and math.isfinite(target)):
-                raise ValueError(f"{name}: target must be a positive number, got {target}")
-        return out
-
-
-def total_penalty(
-    values: CostValues,
-    targets: CostTargets,
-    *,
-    strength: float = 1.0,
-    kind: Literal["hinge", "log_hinge", "lagrangian"] = "hinge",
-    lagrangians: dict[str, LagrangianPenalty] | None = None,
-) -> dict[str, Tensor]:
-    """Named penalty terms plus their sum under ``"total"``; every term is relative to its target.
-
-    For ``kind="lagrangian"`` pass the multipliers (one per term name, e.g. from :func:`make_lagrangians`) and call
-    their ``update`` after each step.
-    """
-    terms: dict[str, Tensor] = {}
-    for name, value, target in targets.items(values):
-        if kind == "hinge":
-            terms[name] = strength * hinge(value, target)
-        elif kind == "log_hinge":
-            terms[name] = strength * log_hinge(value, target)
-        elif kind == "lagrangian":
-            if lagrangians is None or name not in lagrangians:
-                raise ValueError(f"lagrangians: missing a multiplier for {name!r}")
-            terms[name] = lagrangians[name](value)
-        else:
-            raise ValueError(f"kind: must be hinge, log_hinge or lagrangian, got {kind!r}")
-    terms["total"] = torch.stack(list(terms.values())).sum() if terms else values.flops.new_zeros(())
-    return terms
-
-
-def make_lagrangians(targets: CostTargets, *, lr: float = 0.05) -> dict[str, LagrangianPenalty]:
-    out = {f"latency_ms/{d}": LagrangianPenalty(t, lr=lr) for d, t in targets.latency_ms.items()}
-    if targets.flops is not None:
-        out["flops"] = LagrangianPenalty(targets.flops, lr=lr)
-    if targets.params is not None:
-        out["params"] = LagrangianPenalty(targets.params, lr=lr)
-    return out
 
 
 __all__ = [

@@ -190,6 +190,8 @@ class DeviceService:
     ) -> None:
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"device URL must start with http:// or https://, got {url!r}")
+        if retries < 0:
+            raise ValueError(f"retries: must be at least 0, got {retries}")
         self.url = url.rstrip("/")
         self.retries = retries
         self.backoff = backoff
@@ -208,15 +210,22 @@ class DeviceService:
         self.close()
 
     # ---- transport ---------------------------------------------------------------------------------------------
-    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+    def _request(self, method: str, path: str, *, repeatable: bool = True, **kwargs: Any) -> Any:
+        """One call with retries.  ``repeatable=False`` (creating a job, fitting) retries only when the request
+        never reached the service: after a read timeout the work may be running, and a repeat would queue it twice."""
         last_reason = "no attempt made"
         for attempt in range(self.retries + 1):
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             try:
                 response = self._client.request(method, path, **kwargs)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                last_reason = f"{type(exc).__name__}: {exc}"
+                continue
             except httpx.TransportError as exc:
                 last_reason = f"{type(exc).__name__}: {exc}"
+                if not repeatable:
+                    break
                 continue
             if response.status_code in RETRYABLE_STATUS:
                 last_reason = f"HTTP {response.status_code}"
@@ -224,7 +233,7 @@ class DeviceService:
             if response.status_code >= 400:
                 raise ServiceError(self.url + path, response.status_code, _error_detail(response))
             return response.json()
-        raise ServiceUnavailableError(self.url, f"{last_reason} after {self.retries + 1} attempts")
+        raise ServiceUnavailableError(self.url, f"{last_reason} after {attempt + 1} attempts")
 
     # ---- endpoints ---------------------------------------------------------------------------------------------
     def health(self) -> bool:
@@ -307,7 +316,7 @@ class DeviceService:
     # ---- profiling helpers (used by tests, the benchmark and the README demo) ----------------------------------
     def submit_job(self, *, ops: Iterable[OpSpec] | None = None, preset: str | None = None) -> str:
         payload: dict[str, Any] = {"preset": preset} if preset else {"ops": [op.to_dict() for op in ops or ()]}
-        return str(self._request("POST", "/v1/jobs", json=payload)["id"])
+        return str(self._request("POST", "/v1/jobs", json=payload, repeatable=False)["id"])
 
     def wait_job(self, job_id: str, *, timeout: float = 600.0, poll: float = 0.5) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
@@ -319,8 +328,8 @@ class DeviceService:
                 raise TimeoutError(f"job {job_id} at {self.url} not finished after {timeout:.0f} s: {job}")
             time.sleep(poll)
 
-    def fit(self) -> dict[str, Any]:
-        result: dict[str, Any] = self._request("POST", "/v1/predictors/fit")
+    def fit(self, *, timeout: float = 900.0) -> dict[str, Any]:
+        result: dict[str, Any] = self._request("POST", "/v1/predictors/fit", repeatable=False, timeout=timeout)
         return result
 
 

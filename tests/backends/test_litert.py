@@ -104,7 +104,7 @@ def test_profile_fit_and_predict_through_the_http_api(tmp_path: object) -> None:
         max_time_s=0.2,
         max_attempts=1,
     )
-    grid = [{"op": "conv2d", "cin": c, "cout": c, "hw": 14, "k": k} for c in (8, 16, 24, 32, 48, 64) for k in (1, 3)]
+    grid = [{"op": "conv2d", "cin": c, "cout": c, "hw": 14, "k": k} for c in (8, 16, 32, 64) for k in (1, 3)]
     with TestClient(create_app(settings)) as client:
         assert client.get("/v1/device").json()["backend"] == "litert"
         job_id = client.post("/v1/jobs", json={"ops": grid}).json()["id"]

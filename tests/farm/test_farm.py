@@ -195,6 +195,27 @@ def test_cli_exits_3_when_no_service_answers(tmp_path: Path) -> None:
     assert "no service answered" in result.output
 
 
+def test_farm_file_yaml_with_token_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("yaml", reason="PyYAML is not installed")
+    from search.farm import read_farm_file
+
+    monkeypatch.setenv("FARM_TEST_TOKEN", "from-env")
+    farm_file = tmp_path / "farm.yaml"
+    farm_file.write_text(
+        "token: ${FARM_TEST_TOKEN}\ndevices:\n  - url: http://10.0.0.1:8401\n"
+        "  - {url: http://10.0.0.2:8401, token: own}\n  - http://10.0.0.3:8402\n"
+    )
+    services = read_farm_file(farm_file, default_token=None)
+    assert [(s.url, s.token) for s in services] == [
+        ("http://10.0.0.1:8401", "from-env"),
+        ("http://10.0.0.2:8401", "own"),
+        ("http://10.0.0.3:8402", "from-env"),
+    ]
+    farm_file.write_text("devices:\n  - url: 10.0.0.1:8401\n")
+    with pytest.raises(ValueError, match=r"^devices\[0\]\.url: must be an http"):
+        read_farm_file(farm_file, default_token=None)
+
+
 @pytest.mark.slow
 @pytest.mark.postgres
 def test_shared_postgres_store_fits_per_class_from_every_device(

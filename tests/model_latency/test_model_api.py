@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 from fastapi.testclient import TestClient
+from model_latency_helpers import QUICK, TINY_PRIOR
 
 from latency_service import store
 from latency_service.api.main import create_app
@@ -109,3 +110,34 @@ def test_predict_lists_kernels_and_unmodelled(client: TestClient, profiled) -> N
     assert all(u["kernel_class"] is None or u["reason"] for u in result["unmodelled"]), result["unmodelled"]
     lrn = [k for k in result["kernels"] if k["name"] == unmodelled["name"]]
     assert lrn and lrn[0]["source"] == "fallback", "the fallback estimate is counted in total_ms, not dropped"
+
+
+def test_standard_hook_stores_samples_fusion_rules_and_predictor(client: TestClient) -> None:
+    from sqlalchemy import func, select
+
+    from latency_service.kernel_models import KernelSampleRow, ProfiledNetworkRow
+    from latency_service.kernel_profiling import block_size
+    from latency_service.model_latency import latest_fusion_rules, latest_kernel_predictor, run_in_context_profiling
+
+    service = client.app.state.service  # type: ignore[attr-defined]
+    ticks: list[int] = []
+    row = run_in_context_profiling(
+        session_factory=service.session_factory,
+        measuring=service.measuring,
+        device_id=service.device_id,
+        device_class=service.device_class,
+        budget_s=3.0,
+        progress=lambda elapsed, total: ticks.append(elapsed),
+        prior=TINY_PRIOR,
+        config=QUICK,
+    )
+    assert ticks and row.report["networks"] >= 1
+    with service.session_factory() as session:
+        networks = session.scalar(select(func.count()).select_from(ProfiledNetworkRow))
+        samples = session.scalar(select(func.count()).select_from(KernelSampleRow))
+        stored_rules = latest_fusion_rules(session=session, device_id=service.device_id)
+        predictor, stored = latest_kernel_predictor(session=session, device_class=service.device_class)
+    assert networks == row.report["networks"] and samples == row.report["samples"]
+    rules = {(r.first_op, r.second_op): r for r in stored_rules}
+    assert rules[("conv", "relu")].kernels_in_chain == 1
+    assert stored.id == row.id and predictor.block_size == block_size(service.measuring.backend)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from predictors.fitting import CANDIDATES, FitReport, LatencyPredictor, UnmodelledOpError, fit_predictors
+from predictors.fitting import DEFAULT_CANDIDATES, FitReport, LatencyPredictor, UnmodelledOpError, fit_predictors
 from predictors.ops import Add, BatchNorm, Conv2d, Linear, OpSpec
 
 Fitted = tuple[LatencyPredictor, list[FitReport], list[tuple[OpSpec, float]]]
@@ -60,7 +60,7 @@ def test_reports_compare_every_candidate_and_keep_the_best(fitted: Fitted) -> No
     assert set(by_kind) == {"add", "batchnorm", "conv2d"}
     conv = by_kind["conv2d"]
     assert conv.n_samples == 160
-    assert set(conv.candidates) == set(CANDIDATES)
+    assert set(conv.candidates) == set(DEFAULT_CANDIDATES)
     scores = {name: mape for name, mape in conv.candidates.items() if mape is not None}
     assert conv.model == min(scores, key=lambda name: scores[name])
     assert conv.mape == conv.candidates[conv.model]
@@ -178,6 +178,8 @@ def test_bad_samples_name_the_field(samples: list[tuple[object, object]], field:
         fit_predictors(samples)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="cv_folds"):
         fit_predictors([(BatchNorm(c=16, hw=14), 0.1)], cv_folds=1)
+    with pytest.raises(ValueError, match="candidates"):
+        fit_predictors([(BatchNorm(c=16, hw=14), 0.1)], candidates=["neural_net"])
 
 
 def test_predict_ms_handles_a_search_sized_channel_grid(fitted: Fitted) -> None:

@@ -65,7 +65,7 @@ def test_fit_on_real_onnxruntime_timings_reports_cv_error() -> None:
         for cin, cout, k in itertools.product((8, 16, 24, 40), (8, 16, 32, 48), (1, 3))
     ]
     samples: list[tuple[OpSpec, float]] = [(op, median_ms(op, rng)) for op in grid]
-    predictor, reports = fit_predictors(samples, seed=0, cv_folds=4)
+    predictor, reports = fit_predictors(samples, seed=0, cv_folds=4, candidates=list(CANDIDATES))
 
     (report,) = reports
     assert report.op == "conv2d" and report.n_samples == len(grid)
