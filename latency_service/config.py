@@ -30,6 +30,8 @@ MEASUREMENT_FIELDS = (
     "cv_threshold",
     "spread_threshold",
     "max_attempts",
+    "contention_threshold",
+    "realtime",
 )
 # One per host, not per store: two processes timing on one CPU corrupt each other whatever database they write to.
 DEFAULT_MEASURE_LOCK_PATH = str(Path(tempfile.gettempdir()) / "figs-measure.lock")
@@ -95,6 +97,10 @@ class Settings(BaseSettings):
     cv_threshold: float | None = Field(default=None, ge=0)
     spread_threshold: float | None = Field(default=None, ge=0)
     max_attempts: int | None = Field(default=None, ge=1)
+    # Busy cores seen from other processes above which a measurement is flagged "contention"; 0 switches it off.
+    contention_threshold: float | None = Field(default=None, ge=0)
+    # Real-time (SCHED_FIFO) priority for the timing thread where the OS allows it; FIGS_REALTIME=0 turns it off.
+    realtime: bool | None = None
 
     measure_lock_path: str | None = Field(
         default=DEFAULT_MEASURE_LOCK_PATH,
@@ -140,6 +146,8 @@ class Settings(BaseSettings):
     def measurement_config(self) -> MeasurementConfig:
         """The protocol settings: MeasurementConfig's defaults, overridden field by field, plus the pinned cores."""
         overrides = {name: getattr(self, name) for name in MEASUREMENT_FIELDS if getattr(self, name) is not None}
+        if overrides.get("contention_threshold") == 0:
+            overrides["contention_threshold"] = None
         if self.max_time_s is None and self.min_time_s is not None:
             # A shortened min_time_s (tests, quick looks) must not trip the max >= min check of the default cap.
             overrides["max_time_s"] = max(self.min_time_s, MeasurementConfig.max_time_s)

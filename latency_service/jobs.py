@@ -237,6 +237,8 @@ def _measure_item(
             runnable = measuring.backend.prepare_op(op)
             try:
                 stats = measure(runnable, measuring.config, overhead_ms=overhead_ms)
+                # Per-variant facts a backend learns while building (Edge TPU ops mapped, TensorRT engine build time).
+                details = dict(getattr(runnable, "details", None) or {})
             finally:
                 runnable.close()
             finished_at = utcnow()
@@ -252,7 +254,7 @@ def _measure_item(
             device_id=device_id,
             variant_key=variant_key,
             stats=stats,
-            environment=environment,
+            environment={**environment, **details} if details else environment,
             job_id=job_id,
             started_at=started_at,
             measured_at=finished_at,
