@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from predictors.fitting import CANDIDATES, DEFAULT_CANDIDATES, FitReport, fit_predictors
+from predictors.fitting import CANDIDATES, DEFAULT_CANDIDATES, FitReport, LatencyPredictor, fit_predictors
 from predictors.ops import Conv2d, OpSpec, op_from_dict
 
 
@@ -81,6 +81,26 @@ def _table(reports: list[FitReport]) -> str:
     return "\n".join(lines)
 
 
+def _score_holdout(predictor: LatencyPredictor, preset: str, cache: Path) -> None:
+    """Regressor error on variants of another preset, none of them in the fitting grid (the table is bypassed)."""
+    from latency_service.presets import PRESETS
+
+    ops = [op for op in PRESETS[preset].build() if op.kind in predictor.kinds]
+    measured = _measure(ops, cache)
+    unseen = [(op, ms) for op, ms in measured if op.key not in predictor.kind_predictor(op.kind).table]
+    predicted = predictor.predict_ms([op for op, _ in unseen])
+    truth = np.array([ms for _, ms in unseen])
+    errors = np.abs(predicted - truth) / truth
+    print(
+        f"\nheld-out {preset!r} preset: {len(unseen)} variants never fitted, MAPE {100 * errors.mean():.1f} %, "
+        f"{100 * (errors <= 0.1).mean():.0f} % within ±10 %, median error {100 * np.median(errors):.1f} %"
+    )
+    by_kind: dict[str, list[float]] = defaultdict(list)
+    for (op, _), error in zip(unseen, errors, strict=True):
+        by_kind[op.kind].append(float(error))
+    print("  " + ", ".join(f"{kind} {100 * np.mean(e):.0f} % (n={len(e)})" for kind, e in sorted(by_kind.items())))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="standard", help="operator grid from latency_service.presets")
@@ -90,6 +110,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--all-candidates", action="store_true", help="also plain trees on log latency")
     parser.add_argument("--save", type=Path, default=None, help="write the fitted predictor's JSON here")
+    parser.add_argument(
+        "--holdout-preset", default=None, help="also measure this preset (cached apart) and score the regressors on it"
+    )
     args = parser.parse_args()
 
     if args.no_measure:
@@ -114,6 +137,9 @@ def main() -> None:
     weights = np.array([r.n_samples for r in reports], dtype=float)
     within = np.array([r.within_10pct or 0.0 for r in reports])
     print(f"\nall kinds, variant-weighted: {100 * float(weights @ within / weights.sum()):.1f} % within ±10 %")
+
+    if args.holdout_preset:
+        _score_holdout(predictor, args.holdout_preset, args.cache.with_suffix(".holdout.json"))
 
     grid = [Conv2d(cin=a, cout=b, hw=28, k=3, act="relu") for a in range(1, 65) for b in range(1, 65)] * 25
     started, started_cpu = time.perf_counter(), time.process_time()

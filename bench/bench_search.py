@@ -26,7 +26,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +36,14 @@ import torch
 from predictors.ops import OpSpec
 from search.costs import CostModel
 from search.data import DataBundle, load_dataset
-from search.export import LatencyCalibration, calibrate_device, evaluate, onnx_bytes
+from search.export import LatencyCalibration, calibrate_device, compact_aligned, evaluate, onnx_bytes
 from search.gates import GateConfig
 from search.service_client import DeviceService, ServiceError, dense_tables, table_layers
 from search.spaces.base import SearchSpace, create_space
 from search.trainer import SearchConfig, finetune, refine_to_measured, run_search, train_plain
 
 MULTIPLIERS = (0.25, 0.5, 0.75, 1.0)
+CHANNEL_MULTIPLE = 8  # onnxruntime's blocked layout wants aligned widths (see search.export.align_channel_counts)
 TARGET_FRACTIONS = (0.3, 0.55, 0.8)  # of the way from the narrowest to the full uniform model's measured latency
 
 
@@ -164,9 +165,10 @@ def search_once(
         scales={"cpu": calibration.scale},
         rounds=mode.refine_rounds,
         steps=mode.refine_steps,
+        compact=lambda s: compact_aligned(s, multiple=CHANNEL_MULTIPLE)[0],
     )
     refine_seconds = time.perf_counter() - started
-    compact, arch = space.compact()
+    compact, arch = compact_aligned(space, multiple=CHANNEL_MULTIPLE)
     started = time.perf_counter()
     finetune(compact, bundle, mode.finetune_steps, seed=seed)
     finetune_seconds = time.perf_counter() - started
@@ -217,9 +219,14 @@ def baseline_once(
 
 
 def multiplier_for(calibration: LatencyCalibration, target_ms: float) -> float:
-    """The width multiplier whose uniform model measured ``target_ms`` (interpolated between calibration models)."""
+    """The widest uniform multiplier whose model measured within the target (+10 %), else the fastest one.
+
+    Measured latency is not monotone in the multiplier here (aligned widths run several times faster), so the
+    measured calibration models are searched rather than interpolated.
+    """
     measured = [p[1] for p in calibration.points]
-    return float(np.interp(target_ms, measured, MULTIPLIERS))
+    fitting = [m for m, ms in zip(MULTIPLIERS, measured, strict=True) if ms <= target_ms * 1.10]
+    return max(fitting) if fitting else MULTIPLIERS[int(np.argmin(measured))]
 
 
 def step_overhead(bundle: DataBundle, tables: list[torch.Tensor], steps: int) -> dict[str, float]:
@@ -359,10 +366,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="digits only, one seed, shorter searches")
     parser.add_argument("--device", help="use this latency service instead of starting one (it must be profiled)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/search.json"))
+    parser.add_argument("--datasets", help="comma-separated, overrides the mode's (e.g. mnist5k)")
     args = parser.parse_args()
     # SIGTERM must unwind through local_service() so the service process it started is stopped too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     mode = QUICK if args.quick else FULL
+    if args.datasets:
+        mode = replace(mode, datasets=tuple(args.datasets.split(",")))
     torch.set_num_threads(1)  # the service measures on the other core; keep training off it
     with given_service(args.device) if args.device else local_service() as url:
         service = DeviceService(url)

@@ -343,6 +343,7 @@ def run_in_context_profiling(
     lock: AbstractContextManager[Any] | None = None,
     prior: SamplingPrior | None = None,
     config: MeasurementConfig | None = None,
+    compare: bool = True,
 ) -> KernelPredictorRow:
     """The ``standard`` preset's whole-model part: profile in context, store samples, fit and store the predictor.
 
@@ -369,6 +370,7 @@ def run_in_context_profiling(
             device_class=device_class,
             networks=networks,
             block_size=block_size(backend),
+            compare=compare,
         )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from search.data import DataBundle
-from search.gates import GateConfig
+from search.gates import ChannelGate, GateConfig, GateGroup, OperatorGated
 from search.service_client import (
     DeviceService,
     ServiceError,
@@ -87,6 +88,79 @@ def read_architecture(path: Path | str) -> dict[str, Any]:
     if not isinstance(arch, dict):
         raise ValueError(f"{path}: an architecture must be a JSON object")
     return arch
+
+
+def _channel_gates(source: object) -> list[ChannelGate]:
+    """The channel gates behind a source (through operator switches and concatenations)."""
+    if isinstance(source, ChannelGate):
+        return [] if source.config.fixed_on else [source]
+    if isinstance(source, OperatorGated):
+        return _channel_gates(source.inner)
+    if isinstance(source, GateGroup):
+        return [g for member in source.members for g in _channel_gates(member)]
+    return []
+
+
+@torch.no_grad()
+def _force_alive(gate: ChannelGate, keep: torch.Tensor, threshold: float) -> None:
+    """Move log-odds just across ``threshold`` so exactly ``keep`` is alive; the other log-odds stay where they are."""
+    saved = gate.log_odds.clone()
+    gate.log_odds.zero_()
+    # The log-odds at which keep_probability is 0.5 (hard-concrete shifts it), probed instead of hard-coded.
+    shift = -float(torch.logit(gate.keep_probability()[-1].clamp(1e-6, 1 - 1e-6)))
+    gate.log_odds.copy_(saved)
+    boundary = math.log(threshold / (1 - threshold)) + shift
+    gate.log_odds.copy_(torch.where(keep, saved.clamp(min=boundary + 0.05), saved.clamp(max=boundary - 0.05)))
+
+
+def _aligned_keep(probability: torch.Tensor, alive: torch.Tensor, multiple: int) -> torch.Tensor:
+    n = probability.numel()
+    count = int(alive.sum())
+    if n <= multiple or count == 0:
+        return alive
+    aligned = min(n, max(multiple, round(count / multiple) * multiple))
+    # Alive channels first, then by probability: rounding up adds the likeliest dead channels.
+    order = torch.argsort(probability + 2.0 * alive.to(probability.dtype), descending=True)
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[order[:aligned]] = True
+    return keep
+
+
+def align_channel_counts(space: SearchSpace, multiple: int, threshold: float = 0.5) -> None:
+    """Round every kept width to the nearest multiple of ``multiple`` (at least one multiple) before compaction.
+
+    Measured on this CPU (onnxruntime 1.32, 1 thread, digits-sized blocks tower): uniform networks whose widths
+    are multiples of 8 ran in 0.20-0.28 ms, the same tower at widths like 9, 18, 27, 54 in 0.8-1.3 ms — the
+    runtime keeps its blocked NCHWc layout only for aligned channel counts.  Tied channels (residual streams) are
+    aligned as one group: every member keeps the group's channels, so the union is the aligned set.
+    """
+    if multiple <= 1:
+        return
+    handled: set[int] = set()
+    groups: dict[int, GateGroup] = {}
+    for layer in space.latency_layers():
+        for source in (layer.cin_source, layer.cout_source):
+            if isinstance(source, GateGroup):
+                groups[id(source)] = source
+    for group in groups.values():
+        members = _channel_gates(group)
+        if not members:
+            continue
+        keep = _aligned_keep(group.keep_probability().detach(), group.alive(threshold), multiple)
+        for gate in members:
+            _force_alive(gate, keep, threshold)
+            handled.add(id(gate))
+    for lone in space.gates():
+        if isinstance(lone, ChannelGate) and id(lone) not in handled and not lone.config.fixed_on:
+            keep = _aligned_keep(lone.keep_probability().detach(), lone.alive(threshold), multiple)
+            _force_alive(lone, keep, threshold)
+
+
+def compact_aligned(
+    space: SearchSpace, *, threshold: float = 0.5, multiple: int = 8
+) -> tuple[nn.Module, dict[str, Any]]:
+    align_channel_counts(space, multiple, threshold)
+    return space.compact(threshold=threshold)
 
 
 def load_checkpoint_space(checkpoint: Path | str) -> tuple[SearchSpace, dict[str, Any]]:
@@ -300,8 +374,10 @@ __all__ = [
     "DeviceLink",
     "Evaluation",
     "LatencyCalibration",
+    "align_channel_counts",
     "calibrate_device",
     "calibrate_devices",
+    "compact_aligned",
     "connect_devices",
     "device_tables",
     "evaluate",

@@ -316,7 +316,7 @@ def refine_to_measured(
     rounds: int,
     steps: int,
     tolerance: float = 0.05,
-    threshold: float = 0.5,
+    compact: Callable[[SearchSpace], nn.Module] | None = None,
 ) -> tuple[SearchConfig, list[RefineRound]]:
     """Close the loop on the device: measure the compact network and, while a device misses its target by more
     than ``tolerance``, move that device's table target by the miss (over the calibration slope ``scales[d]``,
@@ -328,8 +328,8 @@ def refine_to_measured(
     """
     log: list[RefineRound] = []
     for index in range(rounds + 1):
-        compact, _ = space.compact(threshold=threshold)
-        measured = measure(compact)
+        network = compact(space) if compact is not None else space.compact()[0]
+        measured = measure(network)
         log.append(RefineRound(measured_ms=dict(measured), table_targets_ms=dict(config.target_latency_ms)))
         misses = {d: measured[d] / targets_ms[d] - 1 for d in targets_ms}
         if index == rounds or all(abs(miss) <= tolerance for miss in misses.values()):

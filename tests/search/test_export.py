@@ -14,6 +14,7 @@ import torch
 from search.data import load_dataset
 from search.export import (
     LatencyCalibration,
+    compact_aligned,
     evaluate,
     export_onnx,
     read_architecture,
@@ -62,6 +63,23 @@ def test_architecture_json_round_trip(digits_space: SearchSpace, tmp_path: Path)
     rebuilt.eval()
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(x), compact(x))
+
+
+def test_aligned_compaction_rounds_widths_and_keeps_the_function() -> None:
+    torch.manual_seed(1)
+    space = create_space("blocks", in_channels=1, num_classes=10, image_size=8)
+    with torch.no_grad():
+        for gate in space.gates():
+            gate.log_odds.copy_(torch.randn(gate.log_odds.shape) * 2)
+    space.eval()
+    _, raw_arch = space.compact()
+    compact, arch = compact_aligned(space, multiple=8)
+    widths = [node["cout"] for node in arch["nodes"] if node["op"] == "conv"]
+    assert any(w % 8 for w in (n["cout"] for n in raw_arch["nodes"] if n["op"] == "conv")), "test needs odd widths"
+    assert all(w % 8 == 0 for w in widths), widths
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(compact.eval()(x), space(x), rtol=1e-4, atol=1e-5)
 
 
 def test_read_architecture_rejects_non_objects(tmp_path: Path) -> None:
