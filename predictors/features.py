@@ -157,13 +157,17 @@ def _concat_columns(ops: Sequence[OpSpec]) -> Columns:
 _COST_FEATURES = ["flops", "params", "bytes", "arithmetic_intensity", "in_elements", "out_elements"]
 
 
+def _shape_fields(kind: str) -> list[str]:
+    # Integer and boolean fields are shapes and flags; others (dtype, act, lists) are encoded separately or not.
+    return [f.name for f in dataclasses.fields(OPERATORS[kind]) if f.type in ("int", "bool", int, bool)]
+
+
 def _generic_names(kind: str) -> list[str]:
-    cls = OPERATORS[kind]
-    names = [f.name for f in dataclasses.fields(cls) if f.name not in ("dtype", "act", "cins")]
-    if "act" in {f.name for f in dataclasses.fields(cls)}:
+    names = _shape_fields(kind)
+    if "act" in {f.name for f in dataclasses.fields(OPERATORS[kind])}:
         names += _ACT_NAMES
     names += _COST_FEATURES
-    if "c" in names:
+    if "c" in names and "hw" in names:
         names += [*_channel_names("c"), "elements_pad16"]
     return names
 
@@ -171,8 +175,7 @@ def _generic_names(kind: str) -> list[str]:
 def _generic_columns(ops: Sequence[OpSpec]) -> Columns:
     kind = ops[0].kind
     names = _generic_names(kind)
-    fields = [n for n in names if n not in _COST_FEATURES and not n.startswith(("c_", "act_", "has_act", "elements"))]
-    cols: Columns = {n: np.array([float(getattr(o, n)) for o in ops]) for n in fields}
+    cols: Columns = {n: np.array([float(getattr(o, n)) for o in ops]) for n in _shape_fields(kind)}
     if "has_act" in names:
         cols.update(_act_columns(np.array([_ACT_INDEX[getattr(o, "act", None)] for o in ops], dtype=np.float64)))
     flops = np.array([float(o.flops()) for o in ops])
@@ -183,7 +186,7 @@ def _generic_columns(ops: Sequence[OpSpec]) -> Columns:
         "in_elements": np.array([float(sum(np.prod(s) for s in o.input_shapes())) for o in ops]),
         "out_elements": np.array([float(np.prod(o.output_shape())) for o in ops]),
     })  # fmt: skip
-    if "c" in cols:
+    if "c_mod16" in names:
         cols.update(_channel_columns("c", cols["c"]))
         cols["elements_pad16"] = cols["batch"] * _ceil_to(cols["c"], 16) * cols["hw"] ** 2
     return cols

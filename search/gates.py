@@ -38,15 +38,17 @@ _UNIFORM_EPS = 1e-6
 class GateConfig:
     """How gates sample and relax.
 
-    ``temperature`` defaults to 0.5, not morph-net's 0.001: at 0.001 the relaxed mask is a step function whose
-    gradient with respect to the log-odds vanishes except within ~0.001 of the threshold, so the task loss cannot
-    pull a channel back on; only the analytic cost term moves the gates.  At 0.5 the task gradient reaches the
-    log-odds on every step, and ``straight_through=True`` restores exact 0/1 forward masks when wanted.
+    ``temperature`` defaults to 0.1, not morph-net's 0.001.  Measured with ``search.trainer.run_search`` on digits
+    (blocks space, 300 steps, FLOPs-shaped latency table, target ½ of full, 2 seeds): τ = 0.001 missed the target
+    (expected latency 0.69× target: the task gradient cannot reach log-odds through a step function, so only the
+    cost term moves them) and its supernet scored 22 % before fine-tuning; τ = 0.1 landed at 1.00× with 60 %;
+    τ = 0.5 at 1.00× with 30 % (soft masks skew the BN statistics); τ = 1.0 at 0.97× with 17 %; straight-through at
+    τ = 0.5 at 0.93× with 55 %; hard-concrete at 0.89× with 35 %.  After a 60-step fine-tune all reached 98–99 %.
     Annealing: ``tau(step) = max(min_temperature, temperature * decay ** (step / decay_steps))``.
     """
 
     estimator: Estimator = "concrete"
-    temperature: float = 0.5
+    temperature: float = 0.1
     decay: float = 1.0
     decay_steps: int = 1000
     min_temperature: float = 1e-3

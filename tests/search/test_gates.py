@@ -52,16 +52,19 @@ def test_keep_probability_matches_sampled_liveness(estimator: str) -> None:
 
 def test_first_channel_kept_alive_and_eval_mask_thresholds_probability() -> None:
     gate = gate_with([-5.0, -1.0, 0.5, 2.0])
-    assert float(gate.keep_probability()[0]) == 1.0
+    assert float(gate.keep_probability().detach()[0]) == 1.0
     gate.eval()
     gate.refresh()
     torch.testing.assert_close(gate.mask(), torch.tensor([1.0, 0.0, 1.0, 1.0]))
     gate.train()
-    assert all(float(gate.sample()[0]) == 1.0 for _ in range(20))
+    assert all(float(gate.sample().detach()[0]) == 1.0 for _ in range(20))
 
 
 def test_straight_through_is_binary_forward_with_gradient() -> None:
-    gate = gate_with([0.3, -0.2, 1.0], straight_through=True, keep_first_alive=False)
+    torch.manual_seed(0)
+    # At τ = 1 the relaxed mask's slope stays representable for any plausible noise draw (at τ = 0.1 it rounds to 0
+    # whenever |ℓ + L| > 1.7, which is the point of a low temperature, not a failure).
+    gate = gate_with([0.3, -0.2, 1.0], straight_through=True, keep_first_alive=False, temperature=1.0)
     mask = gate.sample()
     assert set(mask.detach().tolist()) <= {0.0, 1.0}
     (mask * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
