@@ -278,6 +278,7 @@ def main() -> int:
     parser.add_argument("--budget-s", type=float, default=STANDARD_BUDGET_S, help="in-context profiling budget")
     parser.add_argument("--seed", type=int, default=2026)
     parser.add_argument("--networks", type=Path, default=None, help="save (or reuse) the profiled networks here")
+    parser.add_argument("--naive-from", type=Path, default=None, help="reuse the naive column of an earlier --rows")
     parser.add_argument("--out", type=Path, default=None, help="write the Markdown report here too")
     parser.add_argument("--rows", type=Path, default=None, help="write per-model JSON rows here")
     args = parser.parse_args()
@@ -290,12 +291,19 @@ def main() -> int:
     start = time.monotonic()
     config = MeasurementConfig()
     naive_cache: dict[str, float] = {}
+    # The naive column does not depend on the predictor: a rerun may take it from an earlier run's rows.
+    previous_naive: dict[str, float] = {}
+    if args.naive_from is not None:
+        previous_naive = {Path(r["path"]).name: r["naive_ms"] for r in json.loads(args.naive_from.read_text())}
     rows = []
     for entry in entries:
         model_bytes = entry["path"].read_bytes()
         stats = measure_model_bytes(backend, model_bytes, config)
         prediction = predict_with(predictor, backend, model_bytes)
-        naive = naive_layer_sum(backend, entry["layers"], naive_cache)
+        name = entry["path"].name
+        naive = (
+            previous_naive[name] if name in previous_naive else naive_layer_sum(backend, entry["layers"], naive_cache)
+        )
         rows.append(
             {
                 **entry,

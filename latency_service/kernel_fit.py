@@ -26,7 +26,6 @@ METHODS: tuple[str, ...] = ("random_forest", "gradient_boosting", "roofline")
 DEFAULT_METHOD = "random_forest"
 MIN_CLASS_SAMPLES = 8
 PREDICTOR_FORMAT = 1
-PER_WORK_TARGET = True
 MAX_COMPARE_NETWORKS = 300
 
 
@@ -52,7 +51,11 @@ class ClassModel:
     log_target: bool
     work_column: int | None = None
 
+    baseline: KernelRoofline | None = None
+
     def _work(self, x: np.ndarray) -> np.ndarray:
+        if self.baseline is not None:
+            return np.maximum(self.baseline.predict(x), 1e-6)
         return 1.0 + x[:, self.work_column] if self.work_column is not None else np.ones(len(x))
 
     def predict_ms(self, x: np.ndarray) -> np.ndarray:
@@ -62,14 +65,17 @@ class ClassModel:
         return np.exp(raw) * self._work(np.asarray(x, dtype=np.float64))
 
     def to_json(self) -> dict[str, Any]:
-        return {"model": self.model.to_json(), "log_target": self.log_target, "work_column": self.work_column}
+        baseline = self.baseline.to_json() if self.baseline is not None else None
+        return {"model": self.model.to_json(), "log_target": self.log_target, "work_column": self.work_column,
+                "baseline": baseline}  # fmt: skip
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ClassModel:
         column = data.get("work_column")
         raw = data["model"]
         model = KernelRoofline.from_json(raw) if raw.get("type") == KernelRoofline.kind else load_model(raw)
-        return cls(model, bool(data["log_target"]), None if column is None else int(column))
+        baseline = KernelRoofline.from_json(data["baseline"]) if data.get("baseline") else None
+        return cls(model, bool(data["log_target"]), None if column is None else int(column), baseline)
 
 
 @dataclass
@@ -194,8 +200,13 @@ def fit_class_model(x: np.ndarray, y: np.ndarray, kernel_class: str, method: str
         estimator = GradientBoostingRegressor(n_estimators=300, max_depth=4, learning_rate=0.08, random_state=seed)
     else:
         raise ValueError(f"method: must be one of {', '.join(METHODS)}, got {method!r}")
-    column = work_column(kernel_class) if PER_WORK_TARGET else None
-    model = ClassModel(None, log_target=True, work_column=column)
+    # The trees learn the ratio to a per-class roofline (launch cost + max(compute, memory)): a fixed-cost
+    # kernel and a compute-bound one then both extrapolate the physical way, where a ratio to FLOPs alone made a
+    # 192-channel 1x1 conv at 1x1 pixels 20x too slow (its leaf held squeeze-excitation convs with tiny FLOPs).
+    names = FEATURE_NAMES[kernel_class]
+    memory = names.index("bytes") if "bytes" in names else 0
+    compute = names.index("flops") if "flops" in names else memory
+    model = ClassModel(None, log_target=True, baseline=_fit_roofline(x, y, compute, memory))
     estimator.fit(x, np.log(y / model._work(x)))
     model.model = export_model(estimator)
     return model

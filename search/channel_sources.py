@@ -40,7 +40,9 @@ class ChannelSource(Protocol):
 class GateGroup:
     """Channels tied by a residual add or an add aggregator: a channel lives when any member's channel does.
 
-    P(alive) = 1 − ∏(1 − pᵢ) assumes the members are independent, which holds for distinct gates.
+    P(alive) = 1 − ∏(1 − pᵢ) assumes the members are independent, which holds for distinct gates.  A member behind
+    an operator gate (a residual block that may be switched off) correlates its channels through that switch; its
+    count pmf here treats them as independent, an approximation the exact-enumeration tests keep out of their cases.
     """
 
     def __init__(self, members: list[ChannelSource], name: str = "group") -> None:

@@ -119,6 +119,13 @@ class Block(nn.Module):
             if config.aggregator == "add"
             else GateConcat(self.branch_sources)
         )
+        # What operator j computes with the add aggregator, given that j is on (its layers' cost is P(on) times
+        # this): its own channels ungated, the other operators' behind their switches.  Using the unconditional
+        # sum here would multiply two correlated factors; a Monte Carlo check measured FLOPs 11 % low that way.
+        self.conditional_sum_sources: list[ChannelSource] = [
+            GateGroup([g if k == j else self.branch_sources[k] for k, g in enumerate(self.branch_gate_list)])
+            for j in range(len(kernels))
+        ]
         self.alive_switch: OnOff | None = (
             AnyOf([g for g in self.operator_gates.values() if isinstance(g, OperatorGate)]) if self.residual else None
         )
@@ -160,8 +167,7 @@ class Block(nn.Module):
         layers = []
         out_hw = conv_out_size(self.hw, 3, self.stride)
         for j, depthwise in enumerate(self.depthwise_units):
-            own = self.aggregate_source if self.aggregator == "add" else self.branch_gate_list[j]
-            assert isinstance(own, ChannelGate | GateGroup)
+            own = self.conditional_sum_sources[j] if self.aggregator == "add" else self.branch_gate_list[j]
             op_gate = self.operator_gate(j)
             k = int(depthwise.conv.kernel_size[0])
             w = self.expanded
