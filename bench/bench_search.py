@@ -125,7 +125,6 @@ def uniform_space(bundle: DataBundle, multiplier: float) -> SearchSpace:
         num_classes=bundle.num_classes,
         image_size=bundle.image_size,
         width_multiplier=multiplier,
-        gate=GateConfig(fixed_on=True),
     )
 
 
@@ -206,7 +205,7 @@ def baseline_once(
 ) -> dict[str, Any]:
     """The uniform-width model trained for as many steps as search plus fine-tune took."""
     torch.manual_seed(seed)
-    model, _ = uniform_space(bundle, multiplier).compact()
+    model, _ = compact_aligned(uniform_space(bundle, multiplier), multiple=CHANNEL_MULTIPLE)
     train_plain(model, bundle, steps, seed=seed)
     measured = service.measure_model(onnx_bytes(model, bundle.in_channels, bundle.image_size)).median_ms
     assert bundle.test is not None
@@ -278,7 +277,9 @@ def bench_dataset(name: str, service: DeviceService, mode: Mode) -> dict[str, An
     layers = supernet.latency_layers()
     tables = dense_tables(layers, service.latency_tables(table_layers(layers, 4)))
     uniform = [uniform_space(bundle, m) for m in MULTIPLIERS]
-    calibration = calibrate_device(service, uniform, in_channels=bundle.in_channels, image_size=bundle.image_size)
+    calibration = calibrate_device(
+        service, uniform, in_channels=bundle.in_channels, image_size=bundle.image_size, multiple=CHANNEL_MULTIPLE
+    )
     points = ", ".join(f"({t:.4f}, {m:.4f})" for t, m in calibration.points)
     print(f"[{name}] calibration: measured = {calibration.offset_ms:.4f} + {calibration.scale:.4f} · table; {points}")
     # The fitted line, not the raw points: one disturbed measurement must not move the targets.

@@ -165,7 +165,9 @@ def search(
         bundle = load_dataset(data, seed=seed)
         supernet = create_space(space, **_shape(bundle), gate=gate)
         tables = device_tables(links, supernet, count_step=count_step, console=err_console)
-        calibrations = _calibrations(links, space, bundle, out, resume=resume, enabled=calibrate)
+        calibrations = _calibrations(
+            links, space, bundle, out, resume=resume, enabled=calibrate, multiple=channel_multiple
+        )
         table_targets = {}
         for link, target in zip(links, targets, strict=True):
             table_target = calibrations[link.name].to_table(target) if calibrate else target
@@ -233,7 +235,7 @@ def search(
 
 
 def _calibrations(
-    links: list[DeviceLink], space: str, bundle: DataBundle, out: Path, *, resume: bool, enabled: bool
+    links: list[DeviceLink], space: str, bundle: DataBundle, out: Path, *, resume: bool, enabled: bool, multiple: int
 ) -> dict[str, LatencyCalibration]:
     """Calibrate each device, or reuse the calibration a resumed search started with (its targets depend on it)."""
     if not enabled:
@@ -246,7 +248,7 @@ def _calibrations(
                 name: LatencyCalibration(c["offset_ms"], c["scale"], tuple(map(tuple, c["points"])))
                 for name, c in stored.items()
             }
-    calibrations = calibrate_devices(links, space, bundle, err_console)
+    calibrations = calibrate_devices(links, space, bundle, err_console, multiple=multiple)
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({name: asdict(c) for name, c in calibrations.items()}, indent=2))
     return calibrations

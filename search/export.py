@@ -20,6 +20,7 @@ from rich.console import Console
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from search.costs import CostModel
 from search.data import DataBundle
 from search.gates import ChannelGate, GateConfig, GateGroup, OperatorGated
 from search.service_client import (
@@ -102,7 +103,7 @@ def _channel_gates(source: object) -> list[ChannelGate]:
 
 
 @torch.no_grad()
-def _force_alive(gate: ChannelGate, keep: torch.Tensor, threshold: float) -> None:
+def _force_alive(gate: ChannelGate, keep: torch.Tensor, threshold: float, margin: float = 0.05) -> None:
     """Move log-odds just across ``threshold`` so exactly ``keep`` is alive; the other log-odds stay where they are."""
     saved = gate.log_odds.clone()
     gate.log_odds.zero_()
@@ -110,7 +111,7 @@ def _force_alive(gate: ChannelGate, keep: torch.Tensor, threshold: float) -> Non
     shift = -float(torch.logit(gate.keep_probability()[-1].clamp(1e-6, 1 - 1e-6)))
     gate.log_odds.copy_(saved)
     boundary = math.log(threshold / (1 - threshold)) + shift
-    gate.log_odds.copy_(torch.where(keep, saved.clamp(min=boundary + 0.05), saved.clamp(max=boundary - 0.05)))
+    gate.log_odds.copy_(torch.where(keep, saved.clamp(min=boundary + margin), saved.clamp(max=boundary - margin)))
 
 
 def _aligned_keep(probability: torch.Tensor, alive: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -118,7 +119,9 @@ def _aligned_keep(probability: torch.Tensor, alive: torch.Tensor, multiple: int)
     count = int(alive.sum())
     if n <= multiple or count == 0:
         return alive
-    aligned = min(n, max(multiple, round(count / multiple) * multiple))
+    aligned = max(multiple, round(count / multiple) * multiple)
+    if aligned > n:  # the nearest multiple does not fit: the largest multiple that does
+        aligned = (n // multiple) * multiple
     # Alive channels first, then by probability: rounding up adds the likeliest dead channels.
     order = torch.argsort(probability + 2.0 * alive.to(probability.dtype), descending=True)
     keep = torch.zeros(n, dtype=torch.bool)
@@ -126,7 +129,7 @@ def _aligned_keep(probability: torch.Tensor, alive: torch.Tensor, multiple: int)
     return keep
 
 
-def align_channel_counts(space: SearchSpace, multiple: int, threshold: float = 0.5) -> None:
+def align_channel_counts(space: SearchSpace, multiple: int, threshold: float = 0.5, *, margin: float = 0.05) -> None:
     """Round every kept width to the nearest multiple of ``multiple`` (at least one multiple) before compaction.
 
     Measured on this CPU (onnxruntime 1.32, 1 thread, digits-sized blocks tower): uniform networks whose widths
@@ -148,12 +151,12 @@ def align_channel_counts(space: SearchSpace, multiple: int, threshold: float = 0
             continue
         keep = _aligned_keep(group.keep_probability().detach(), group.alive(threshold), multiple)
         for gate in members:
-            _force_alive(gate, keep, threshold)
+            _force_alive(gate, keep, threshold, margin)
             handled.add(id(gate))
     for lone in space.gates():
         if isinstance(lone, ChannelGate) and id(lone) not in handled and not lone.config.fixed_on:
             keep = _aligned_keep(lone.keep_probability().detach(), lone.alive(threshold), multiple)
-            _force_alive(lone, keep, threshold)
+            _force_alive(lone, keep, threshold, margin)
 
 
 def compact_aligned(
@@ -231,16 +234,28 @@ def table_latency_ms(service: DeviceService, latency_layers: list[Any]) -> float
 
 
 def calibrate_device(
-    service: DeviceService, uniform_spaces: list[SearchSpace], *, in_channels: int, image_size: int, repeats: int = 2
+    service: DeviceService,
+    uniform_spaces: list[SearchSpace],
+    *,
+    in_channels: int,
+    image_size: int,
+    repeats: int = 2,
+    multiple: int = 1,
 ) -> LatencyCalibration:
     """Measure each uniform-width space (all gates on, compacted) on the device and fit the table → measured map."""
     points = []
     for space in uniform_spaces:
-        model, _ = space.compact(threshold=0.5)
+        # Aligned the way searched networks are, and pushed far from the threshold so the expectation below is the
+        # deterministic network's table latency.
+        align_channel_counts(space, multiple, margin=12.0)
+        model, _ = space.compact()
         onnx = onnx_bytes(model, in_channels, image_size)
         # Interference from other processes only ever adds time: the lowest of a few medians is the most faithful.
         measured = min(service.measure_model(onnx).median_ms for _ in range(repeats))
-        points.append((table_latency_ms(service, space.latency_layers()), measured))
+        layers = space.latency_layers()
+        tables = dense_tables(layers, service.latency_tables(table_layers(layers, 4)))
+        table_ms = float(CostModel.from_space(space, {"device": tables}).evaluate().latency_ms["device"])
+        points.append((table_ms, measured))
     return LatencyCalibration.fit(points)
 
 
@@ -281,7 +296,7 @@ CALIBRATION_MULTIPLIERS = (0.25, 0.5, 0.75, 1.0)
 
 
 def calibrate_devices(
-    links: list[DeviceLink], space: str, bundle: DataBundle, console: Console
+    links: list[DeviceLink], space: str, bundle: DataBundle, console: Console, *, multiple: int = 1
 ) -> dict[str, LatencyCalibration]:
     """Per device, the table → measured map from uniform-width models of ``space`` (all gates fixed on)."""
     uniform = [
@@ -291,14 +306,13 @@ def calibrate_devices(
             num_classes=bundle.num_classes,
             image_size=bundle.image_size,
             width_multiplier=m,
-            gate=GateConfig(fixed_on=True),
         )
         for m in CALIBRATION_MULTIPLIERS
     ]
     calibrations = {}
     for link in links:
         calibration = calibrate_device(
-            link.service, uniform, in_channels=bundle.in_channels, image_size=bundle.image_size
+            link.service, uniform, in_channels=bundle.in_channels, image_size=bundle.image_size, multiple=multiple
         )
         calibrations[link.name] = calibration
         console.print(

@@ -22,7 +22,6 @@ from predictors.ops import OpSpec
 from search.cli import app
 from search.data import load_dataset
 from search.export import calibrate_device
-from search.gates import GateConfig
 from search.service_client import DeviceService, table_layers
 from search.spaces.base import SearchSpace, create_space
 
@@ -103,8 +102,8 @@ def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def reachable_target(url: str) -> float:
     """A target halfway between the narrowest and the full uniform model, as this service measures them."""
     bundle = load_dataset("digits")
-    uniform = [digits_space(width_multiplier=m, gate=GateConfig(fixed_on=True)) for m in (0.25, 1.0)]
-    calibration = calibrate_device(DeviceService(url), uniform, in_channels=1, image_size=bundle.image_size)
+    uniform = [digits_space(width_multiplier=m) for m in (0.25, 1.0)]
+    calibration = calibrate_device(DeviceService(url), uniform, in_channels=1, image_size=bundle.image_size, multiple=8)
     return sum(p[1] for p in calibration.points) / 2
 
 
