@@ -9,7 +9,7 @@ bash scripts/setup.sh
 
 RUN_DIR=${FIGS_DEMO_DIR:-runs/demo}
 STEPS=${FIGS_DEMO_STEPS:-300}
-TARGET_MS=${FIGS_DEMO_TARGET_MS:-0.25}
+TARGET_MS=${FIGS_DEMO_TARGET_MS:-0.06}
 rm -rf "$RUN_DIR" && mkdir -p "$RUN_DIR"
 PORT=$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 URL="http://127.0.0.1:$PORT"

@@ -27,7 +27,6 @@ from search.service_client import (
     DeviceService,
     ServiceError,
     ServiceUnavailableError,
-    TableLayer,
     dense_tables,
     table_layers,
 )
@@ -227,12 +226,6 @@ class LatencyCalibration:
         return cls(offset_ms=offset, scale=scale, points=tuple(points))
 
 
-def table_latency_ms(service: DeviceService, latency_layers: list[Any]) -> float:
-    """Sum of the table predictions of every latency layer at its own full widths (all gates on)."""
-    requests = [TableLayer(layer.op, (layer.op.cin,), (layer.op.cout,)) for layer in latency_layers]
-    return float(sum(table[0, 0] for table in service.latency_tables(requests).tables))
-
-
 def calibrate_device(
     service: DeviceService,
     uniform_spaces: list[SearchSpace],
@@ -400,7 +393,6 @@ __all__ = [
     "measure_on_devices",
     "onnx_bytes",
     "read_architecture",
-    "table_latency_ms",
     "verify_on_devices",
     "write_architecture",
 ]

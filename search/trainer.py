@@ -256,7 +256,7 @@ def run_search(
                 record = {"step": float(done), "loss": float(loss.detach()), "task_loss": float(task_loss.detach())}
                 record["train_accuracy"] = float((logits.argmax(1) == labels).float().mean())
                 record.update(values.as_floats())
-                record.update({name: float(value) for name, value in terms.items()})
+                record.update({name: float(value.detach()) for name, value in terms.items()})
                 if done % config.eval_every == 0 or done == config.steps:
                     val_accuracy = evaluate(space, data.val).accuracy
                     record["val_accuracy"] = val_accuracy
