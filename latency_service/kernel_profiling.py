@@ -254,7 +254,8 @@ def profile_network(
     finally:
         runnable.close()
     profiled = [medians.get(k.name, 0.0) for k in kernels]
-    return ProfiledNetwork(network_id, dict(description or {}), kernels, profiled, stats.median_ms, overhead_ms)
+    described = {**(description or {}), "unprofiled": [k.name for k in kernels if k.name not in medians]}
+    return ProfiledNetwork(network_id, described, kernels, profiled, stats.median_ms, overhead_ms)
 
 
 # The `standard` preset's share for in-context profiling (the operator grid takes the rest of its 20 minutes).

@@ -297,7 +297,7 @@ def decompose(
             fused.append("Add")
         kernels.append(
             Kernel(
-                name=node.name or f"{node.op_type}_{len(kernels)}",
+                name=node.name or f"unnamed:{node.op_type}_{len(kernels)}",
                 op_type=node.op_type,
                 domain=node.domain,
                 kernel_class=kernel_class,
