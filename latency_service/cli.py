@@ -272,5 +272,7 @@ def db_upgrade(db: DbOption = None, data_dir: DataDirOption = None) -> None:
     console.print(f"schema at head: {_safe_url(settings.database_url)}")
 
 
-# Whole-model commands (issue 3: predict-model, measure-model, profile-models) live in latency_service/model_cli.py
-# and are registered here with `register_model_commands(app)` once that module's annotations resolve at module level.
+# Whole-model commands (issue 3: predict-model, measure-model, profile-models) live in latency_service/model_cli.py.
+from latency_service.model_cli import register_model_commands  # noqa: E402  (needs `app` and `fail` defined above)
+
+register_model_commands(app)

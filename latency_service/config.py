@@ -97,6 +97,8 @@ class Settings(BaseSettings):
     cv_threshold: float | None = Field(default=None, ge=0)
     spread_threshold: float | None = Field(default=None, ge=0)
     max_attempts: int | None = Field(default=None, ge=1)
+    # Seconds of in-context kernel profiling the standard preset spends after its operator grid (None: the default).
+    kernel_budget_s: float | None = Field(default=None, gt=0)
     # Busy cores seen from other processes above which a measurement is flagged "contention"; 0 switches it off.
     contention_threshold: float | None = Field(default=None, ge=0)
     # Real-time (SCHED_FIFO) priority for the timing thread where the OS allows it; FIGS_REALTIME=0 turns it off.

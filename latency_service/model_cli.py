@@ -5,8 +5,6 @@
 Bad input exits with code 2 and one line naming what was wrong.
 """
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import Annotated
 

@@ -288,3 +288,38 @@ def test_graceful_stop_hands_the_job_to_the_next_worker(settings: Settings, fact
         second.stop()
     keys = [row.variant_key for row in measurements(factory)]
     assert len(keys) == len(ops) == len(set(keys))
+
+
+def test_standard_preset_job_profiles_kernels_in_context_after_its_grid(
+    fast_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from latency_service.kernel_models import KernelPredictorRow
+
+    monkeypatch.setenv("FIGS_KERNEL_BUDGET_S", "3")
+    settings = Settings()
+    engine = make_engine(settings.database_url)
+    migrate(settings.database_url, engine=engine)
+    factory = make_session_factory(engine)
+    with transaction(factory) as session:
+        store.upsert_device(
+            session=session, device_id=DEVICE, device_class="c", backend="onnxruntime", backend_version="x", host={}
+        )
+        # A short grid labelled `standard`: the in-context half must follow it whatever the grid's length.
+        standard = store.create_job(session=session, device_id=DEVICE, ops=OPS[:1], preset="standard").id
+        explicit = store.create_job(session=session, device_id=DEVICE, ops=OPS[1:2]).id
+    measuring = MeasuringSession(settings)
+    fitted_after: dict[int, int] = {}
+    for _ in range(2):
+        with transaction(factory) as session:
+            claimed = store.claim_next_job(
+                session=session, device_id=DEVICE, worker_id="w", is_abandoned=lambda j: False
+            )
+            assert claimed is not None
+            job_id = claimed.id
+        job = run_job(job_id=job_id, device_id=DEVICE, session_factory=factory, measuring=measuring)
+        assert job.status == "done", job.error
+        with transaction(factory) as session:
+            fitted_after[job_id] = len(session.scalars(select(KernelPredictorRow)).all())
+    # Only the standard job fits a whole-model (kernel) predictor: it ran first (oldest job first).
+    assert fitted_after == {standard: 1, explicit: 1}
+    engine.dispose()
