@@ -247,7 +247,7 @@ def calibrate_device(
         measured = min(service.measure_model(onnx).median_ms for _ in range(repeats))
         layers = space.latency_layers()
         tables = dense_tables(layers, service.latency_tables(table_layers(layers, 4)))
-        table_ms = float(CostModel.from_space(space, {"device": tables}).evaluate().latency_ms["device"])
+        table_ms = float(CostModel.from_space(space, {"device": tables}).evaluate().latency_ms["device"].detach())
         points.append((table_ms, measured))
     return LatencyCalibration.fit(points)
 
