@@ -377,7 +377,7 @@ def train_plain(
             opt.step()
             schedule.step()
             if (step + 1) % 10 == 0 or step + 1 == steps:
-                history.append({"step": float(step + 1), "loss": float(loss)})
+                history.append({"step": float(step + 1), "loss": float(loss.detach())})
                 bar.update(task, completed=step + 1, status=f"loss={float(loss):.3f}")
     model.eval()
     return history
