@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from dataclasses import dataclass, fields, replace
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -186,6 +186,18 @@ def from_architecture(arch: dict[str, Any]) -> nn.Module:
 
 SpaceFactory = Callable[..., SearchSpace]
 SPACES: dict[str, SpaceFactory] = {}
+
+
+ConfigT = TypeVar("ConfigT")
+
+
+def with_overrides(config: ConfigT, overrides: dict[str, Any], *, space: str) -> ConfigT:
+    """``config`` with keyword overrides applied; an unknown keyword raises ValueError naming it."""
+    known = {f.name for f in fields(config)}  # type: ignore[arg-type]
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"{unknown[0]}: unknown option for the {space} space; known: {', '.join(sorted(known))}")
+    return replace(config, **overrides) if overrides else config  # type: ignore[type-var]
 
 
 def register_space(name: str) -> Callable[[SpaceFactory], SpaceFactory]:

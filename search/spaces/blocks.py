@@ -12,7 +12,7 @@ stage; a block with a skip contributes its projection channels only while one of
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -31,7 +31,7 @@ from search.gates import (
     OperatorGate,
     OperatorGated,
 )
-from search.spaces.base import LatencyLayer, SearchSpace, conv_out_size, register_space
+from search.spaces.base import LatencyLayer, SearchSpace, conv_out_size, register_space, with_overrides
 from search.spaces.compact import (
     ARCH_FORMAT,
     ConvBNAct,
@@ -345,13 +345,7 @@ def blocks_tower(
     *, in_channels: int, num_classes: int, image_size: int, config: BlocksConfig | None = None, **overrides: Any
 ) -> BlocksTower:
     """The blocks tower; keyword overrides set :class:`BlocksConfig` fields (``width_multiplier=0.5``, ...)."""
-    base = config or BlocksConfig()
-    if overrides:
-        known = set(BlocksConfig.__dataclass_fields__)
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ValueError(f"{unknown[0]}: unknown option for the blocks space; known: {', '.join(sorted(known))}")
-        base = replace(base, **overrides)
+    base = with_overrides(config or BlocksConfig(), overrides, space="blocks")
     return BlocksTower(in_channels=in_channels, num_classes=num_classes, image_size=image_size, config=base)
 
 

@@ -14,7 +14,7 @@ cost model charges an edge by its own operator gate only (a small overestimate w
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from predictors.ops import Conv2d, Linear
 from search.gates import ChannelGate, ChannelSource, GateConcat, GateConfig, GateGroup, MaskLayer, OperatorGate
 from search.gates import OperatorGated as Gated
-from search.spaces.base import LatencyLayer, SearchSpace, conv_out_size, register_space
+from search.spaces.base import LatencyLayer, SearchSpace, conv_out_size, register_space, with_overrides
 from search.spaces.compact import (
     ARCH_FORMAT,
     ConvBNAct,
@@ -247,13 +247,7 @@ def cells_network(
     *, in_channels: int, num_classes: int, image_size: int, config: CellsConfig | None = None, **overrides: Any
 ) -> CellsNetwork:
     """Cells of blocks; keyword overrides set :class:`CellsConfig` fields."""
-    base = config or CellsConfig()
-    if overrides:
-        known = set(CellsConfig.__dataclass_fields__)
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ValueError(f"{unknown[0]}: unknown option for the cells space; known: {', '.join(sorted(known))}")
-        base = replace(base, **overrides)
+    base = with_overrides(config or CellsConfig(), overrides, space="cells")
     return CellsNetwork(in_channels=in_channels, num_classes=num_classes, image_size=image_size, config=base)
 
 
