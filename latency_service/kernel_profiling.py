@@ -47,12 +47,6 @@ WALL_TRUST_BAND = 0.15
 PROFILE_ATTEMPTS = 2
 # Networks this short are rarely preempted (a scheduler slice is ~4 ms): they calibrate the inflation.
 SHORT_NETWORK_MS = 2.0
-# Below this wall a disagreement is the profiler's, not the scheduler's: the per-node inflation of networks under
-# 0.1 ms is larger than the fitted constant (median agreement 0.90 over 114 such networks, 28 % outside ±15 %), so
-# their walls are believed over a wider band; dropping them kept only the tiny networks whose kernels looked slow,
-# and 32 px models were over-predicted by 30-47 %.
-TINY_NETWORK_MS = 0.5
-TINY_WALL_TRUST_BAND = 0.4
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -169,41 +163,12 @@ def profile_nodes(backend: Backend, model_bytes: bytes, *, runs: int = PROFILE_R
             session.run(None, feeds)
         events = json.loads(Path(session.end_profiling()).read_text())
         optimised = onnx.load(options.optimized_model_filepath)
-    return optimised, clean_node_medians(node_durations(events, PROFILE_WARMUP + runs))
-
-
-def unnamed_key(op_type: str, occurrence: int) -> str:
-    """The key of the ``occurrence``-th node of ``op_type`` that the optimiser created without a name."""
-    return f"unnamed:{op_type}#{occurrence}"
-
-
-def node_durations(events: Sequence[dict[str, Any]], total_runs: int) -> dict[str, list[float]]:
-    """Milliseconds per node and run from the profiler's events.
-
-    Nodes the optimiser created without a name all report as ``_kernel_time``; one shared entry held several
-    nodes' times per run (and its kernels got none).  Each run executes the same nodes in the same order, so the
-    i-th unnamed event of an op type within a run is that op type's i-th unnamed node: keyed by
-    :func:`unnamed_key`, matched to the graph's unnamed nodes of that type in order.
-    """
     durations: dict[str, list[float]] = {}
-    unnamed_seen: dict[str, int] = {}
     for event in events:
         name = event.get("name", "")
-        if event.get("cat") != "Node" or not name.endswith("_kernel_time"):
-            continue
-        node = name[: -len("_kernel_time")]
-        if not node:
-            op_type = str(event.get("args", {}).get("op_name", ""))
-            seen = unnamed_seen.get(op_type, 0)
-            unnamed_seen[op_type] = seen + 1
-            node = f"{op_type}\0{seen}"
-        durations.setdefault(node, []).append(float(event["dur"]) / 1e3)
-    for op_type, count in unnamed_seen.items():
-        per_run = max(1, count // max(1, total_runs))
-        for seen in range(count):
-            times = durations.pop(f"{op_type}\0{seen}")
-            durations.setdefault(unnamed_key(op_type, seen % per_run), []).extend(times)
-    return durations
+        if event.get("cat") == "Node" and name.endswith("_kernel_time"):
+            durations.setdefault(name[: -len("_kernel_time")], []).append(float(event["dur"]) / 1e3)
+    return optimised, clean_node_medians(durations)
 
 
 def clean_node_medians(durations: dict[str, list[float]]) -> dict[str, float]:
@@ -242,14 +207,9 @@ def reconcile(
     deflated = np.maximum(profiled - inflation_ms, MIN_KEPT_SHARE * profiled)
     deflated = np.maximum(deflated, 1e-5)
     ratio = max(wall_ms - overhead_ms, 1e-6) / float(deflated.sum())
-    trusted = abs(ratio - 1.0) <= wall_trust_band(wall_ms)
+    trusted = abs(ratio - 1.0) <= WALL_TRUST_BAND
     scale = ratio if trusted else 1.0
     return [float(v) for v in deflated * scale], trusted
-
-
-def wall_trust_band(wall_ms: float) -> float:
-    """How far (relative) a wall may sit from the deflated node sum and still be believed."""
-    return TINY_WALL_TRUST_BAND if wall_ms < TINY_NETWORK_MS else WALL_TRUST_BAND
 
 
 def agreement(network: ProfiledNetwork, inflation_ms: float = DEFAULT_INFLATION_MS) -> float:
@@ -293,19 +253,8 @@ def profile_network(
         stats = measure(runnable, config, overhead_ms=overhead_ms)
     finally:
         runnable.close()
-    unnamed_count: dict[str, int] = {}
-    keys = []
-    for kernel in kernels:
-        key = kernel.name
-        if key.startswith("unnamed:"):
-            key = unnamed_key(kernel.op_type, unnamed_count.get(kernel.op_type, 0))
-            unnamed_count[kernel.op_type] = unnamed_count.get(kernel.op_type, 0) + 1
-        keys.append(key)
-    profiled = [medians.get(key, 0.0) for key in keys]
-    described = {
-        **(description or {}),
-        "unprofiled": [k.name for k, key in zip(kernels, keys, strict=True) if key not in medians],
-    }
+    profiled = [medians.get(k.name, 0.0) for k in kernels]
+    described = {**(description or {}), "unprofiled": [k.name for k in kernels if k.name not in medians]}
     return ProfiledNetwork(network_id, described, kernels, profiled, stats.median_ms, overhead_ms)
 
 
@@ -318,32 +267,6 @@ ROUNDS = 3
 MIN_NETWORKS_FOR_ADAPTIVE = 40
 # Shorter timing than operator variants: a network's median over ~0.15 s is already within ~1 % here.
 IN_CONTEXT_CONFIG = MeasurementConfig(warmup_runs=3, warmup_s=0.03, min_runs=15, min_time_s=0.12, max_time_s=0.8)
-# Drift correction: every REFERENCE_EVERY networks one fixed reference network is timed again.  Other processes on
-# a shared CPU slow every run without preempting it (caches, memory bandwidth): bench models measured at load 2
-# read 1-9 % above their quiet medians, and a profiling run at load 2-4.6 left the whole fit ~8 % high.  Each
-# network's timings are scaled by quiet reference / current reference (the quiet one: REFERENCE_QUIET_QUANTILE of
-# all reference medians; the current one: the median of the last REFERENCE_WINDOW).
-REFERENCE_EVERY = 8
-REFERENCE_WINDOW = 3
-REFERENCE_QUIET_QUANTILE = 0.1
-REFERENCE_SEED = 20261128
-
-
-def reference_model() -> onnx.ModelProto:
-    """The drift reference: a fixed inverted-residual network of ~0.3-1 ms."""
-    prior = SamplingPrior(resolutions=(64,), resolution_weights=(1.0,), families=("inverted",), max_macs=3e7)
-    model, _ = random_network(np.random.default_rng(REFERENCE_SEED), prior)
-    return model
-
-
-def drift_factors(networks: Sequence[ProfiledNetwork]) -> list[float]:
-    """Per network, quiet reference time / reference time when it was profiled (1 where no reference was taken)."""
-    refs = [n.description.get("reference_ms") for n in networks]
-    known = [float(r) for r in refs if r]
-    if not known:
-        return [1.0] * len(networks)
-    quiet = float(np.quantile(known, REFERENCE_QUIET_QUANTILE))
-    return [min(1.0, quiet / float(r)) if r else 1.0 for r in refs]
 
 
 def _adaptive_prior(bad: Sequence[ProfiledNetwork], rng: np.random.Generator, base: SamplingPrior) -> SamplingPrior:
@@ -381,7 +304,10 @@ def profile_kernels_in_context(
     networks (for persistence and for the held-out-network evaluation).  ``lock`` (the service's measurement lock)
     is held around each network's timing only, so that other measurements can interleave between networks.
     """
+    from latency_service.kernel_fit import network_errors
+
     config = config or IN_CONTEXT_CONFIG
+    rng = np.random.default_rng(seed)
     base_prior = prior or SamplingPrior()
     start = time.monotonic()
     guard = lock if lock is not None else nullcontext()
@@ -389,37 +315,6 @@ def profile_kernels_in_context(
         overhead = measure_overhead(backend, config)
         block = block_size(backend)
     networks: list[ProfiledNetwork] = [] if networks_out is None else networks_out
-    reference = backend.prepare_model(reference_model().SerializeToString())
-    reference_ms: list[float] = []
-    try:
-        _profile_rounds(
-            backend, config, budget_s, progress, seed, base_prior, networks, guard, start, overhead, block,
-            reference, reference_ms,
-        )  # fmt: skip
-    finally:
-        reference.close()
-    reconcile_networks(networks)
-    return [sample for network in networks for sample in network.samples()]
-
-
-def _profile_rounds(
-    backend: Backend,
-    config: MeasurementConfig,
-    budget_s: float,
-    progress: ProgressCallback | None,
-    seed: int,
-    base_prior: SamplingPrior,
-    networks: list[ProfiledNetwork],
-    guard: AbstractContextManager[Any],
-    start: float,
-    overhead: float,
-    block: int,
-    reference: Any,
-    reference_ms: list[float],
-) -> None:
-    from latency_service.kernel_fit import network_errors
-
-    rng = np.random.default_rng(seed)
     round_ends = [FIRST_ROUND_SHARE + (1 - FIRST_ROUND_SHARE) * r / (ROUNDS - 1) for r in range(ROUNDS)]
     current_prior = base_prior
     bad: list[ProfiledNetwork] = []
@@ -429,10 +324,6 @@ def _profile_rounds(
             draw_prior = _adaptive_prior(bad, rng, base_prior) if use_adaptive else current_prior
             model, description = random_network(rng, draw_prior)
             description["round"] = round_index
-            if len(networks) % REFERENCE_EVERY == 0:
-                with guard:
-                    reference_ms.append(measure(reference, config).median_ms)
-            description["reference_ms"] = float(np.median(reference_ms[-REFERENCE_WINDOW:]))
             attempts = []
             for _ in range(PROFILE_ATTEMPTS):
                 with guard:
@@ -447,7 +338,7 @@ def _profile_rounds(
                             description=description,
                         )
                     )
-                if abs(agreement(attempts[-1]) - 1.0) <= wall_trust_band(attempts[-1].wall_ms):
+                if abs(agreement(attempts[-1]) - 1.0) <= WALL_TRUST_BAND:
                     break
             network = min(attempts, key=lambda n: abs(agreement(n) - 1.0))
             description["attempts"] = len(attempts)
@@ -459,16 +350,16 @@ def _profile_rounds(
             trusted = [n for n in networks if n.wall_trusted]
             errors = network_errors(trusted, seed=seed)
             bad = [n for n, e in zip(trusted, errors, strict=True) if abs(e) > 0.10]
+    reconcile_networks(networks)
+    return [sample for network in networks for sample in network.samples()]
 
 
 def reconcile_networks(networks: Sequence[ProfiledNetwork]) -> float:
     inflation = fit_inflation(networks)
-    for network, drift in zip(networks, drift_factors(networks), strict=True):
-        profiled = [ms * drift for ms in network.profiled_ms]
+    for network in networks:
         network.reconciled_ms, network.wall_trusted = reconcile(
-            profiled, network.wall_ms * drift, network.overhead_ms, inflation
+            network.profiled_ms, network.wall_ms, network.overhead_ms, inflation
         )
-        network.description["drift"] = drift
         network.description["inflation_ms"] = inflation
         network.description["wall_trusted"] = network.wall_trusted
     return inflation
