@@ -24,8 +24,9 @@ from typing import Any
 import numpy as np
 
 from latency_service.backends import create_backend
+from latency_service.clock_gate import ClockGate
 from latency_service.environment import host_environment
-from latency_service.measurement import MeasurementConfig, measure, measure_overhead, pin_to_cores
+from latency_service.measurement import MeasurementConfig, measure_overhead, measure_sessions, pin_to_cores
 from latency_service.presets import preset_ops
 from predictors.ops import OpSpec, op_from_dict
 
@@ -40,29 +41,26 @@ def _sample(preset: str, size: int, seed: int) -> list[OpSpec]:
     return random.Random(seed).sample(ops, size)
 
 
-def run_worker(ops_file: Path, threads: int, cores: tuple[int, ...] | None) -> None:
+def run_worker(ops_file: Path, threads: int, cores: tuple[int, ...] | None, sessions: int, clock_gate: bool) -> None:
     """Measure every op in ``ops_file`` and print one JSON line per op (run in a fresh process)."""
     ops = [op_from_dict(d) for d in json.loads(ops_file.read_text())]
-    config = MeasurementConfig(cores=cores)
+    config = MeasurementConfig(cores=cores, sessions=sessions)
     pin_to_cores(cores)
     backend = create_backend("onnxruntime", intra_op_threads=threads)
-    overhead = measure_overhead(backend, config)
+    gate = ClockGate.for_backend(backend) if clock_gate else None
+    overhead = measure_overhead(backend, config, gate=gate)
     started = time.perf_counter()
     for op in ops:
         t0 = time.perf_counter()
-        runnable = backend.prepare_op(op)
-        t1 = time.perf_counter()
-        try:
-            stats = measure(runnable, config, overhead_ms=overhead)
-        finally:
-            runnable.close()
-        record = {"key": op.key, "kind": op.kind, "prepare_s": t1 - t0, "measure_s": time.perf_counter() - t1}
+        stats = measure_sessions(lambda op=op: backend.prepare_op(op), config, overhead_ms=overhead, gate=gate).stats  # type: ignore[misc]
+        record = {"key": op.key, "kind": op.kind, "measure_s": time.perf_counter() - t0}
         print(json.dumps({**record, **stats.to_dict()}), flush=True)
     print(json.dumps({"total_s": time.perf_counter() - started, "overhead_ms": overhead}), flush=True)
 
 
 def _run_pass(ops_file: Path, args: argparse.Namespace) -> tuple[list[dict[str, Any]], float]:
     command = [sys.executable, __file__, "--worker", str(ops_file), "--threads", str(args.threads)]
+    command += ["--sessions", str(args.sessions)] + (["--no-clock-gate"] if args.no_clock_gate else [])
     if args.cores:
         command += ["--cores", args.cores]
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
@@ -87,17 +85,18 @@ def _report(
     per_minute = [len(first) / t * 60 for t in totals]
     flagged = np.mean([r["flagged"] for r in first + second])
     attempts = np.mean([r["attempts"] for r in first + second])
-    prepare = np.mean([r["prepare_s"] for r in first + second])
+    session_spread = np.median([r["session_spread"] for r in first + second])
     host = host_environment()
     rows = [
         ("date (UTC)", time.strftime("%Y-%m-%d %H:%M", time.gmtime())),
         ("host", f"{host['cpu_model']}, {host['logical_cores']} logical cores, governor {host['governor']}"),
         ("backend", f"onnxruntime, {args.threads} intra-op thread(s), optimization all, cores {args.cores or 'all'}"),
+        ("clock gate", "off" if args.no_clock_gate else "on"),
         ("load average (1 min) at start / end", f"{args.load_start} / {_load_average()}"),
         ("variants measured (per pass)", f"{len(first)} of {n_preset} in `{args.preset}`"),
         ("throughput, pass 1 / pass 2", " / ".join(f"{v:.0f} variants/min" for v in per_minute)),
         ("projected whole preset", f"{n_preset / np.mean(per_minute):.1f} min"),
-        ("mean session build per variant", f"{prepare * 1e3:.0f} ms"),
+        ("sessions per variant / median session spread", f"{first[0]['sessions']} / {session_spread:.1%}"),
         ("mean attempts / flagged share", f"{attempts:.2f} / {flagged:.1%}"),
         ("median relative difference, all", f"{np.median(rel):.2%}"),
         ("p90 relative difference, all", f"{np.percentile(rel, 90):.2%}"),
@@ -136,12 +135,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cores", default="", help="comma-separated core ids to pin to, e.g. 1")
+    parser.add_argument("--sessions", type=int, default=MeasurementConfig.sessions, help="sessions per variant")
+    parser.add_argument("--no-clock-gate", action="store_true", help="time without the reference-kernel gate")
     parser.add_argument("--json-out", type=Path, help="write both passes' raw records here")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     cores = tuple(int(c) for c in args.cores.split(",")) if args.cores else None
     if args.worker:
-        run_worker(args.worker, args.threads, cores)
+        run_worker(args.worker, args.threads, cores, args.sessions, not args.no_clock_gate)
         return 0
     args.load_start = _load_average()
     n_preset = len(preset_ops(args.preset))

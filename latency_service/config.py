@@ -30,6 +30,7 @@ MEASUREMENT_FIELDS = (
     "cv_threshold",
     "spread_threshold",
     "max_attempts",
+    "sessions",
     "contention_threshold",
     "realtime",
 )
@@ -97,12 +98,17 @@ class Settings(BaseSettings):
     cv_threshold: float | None = Field(default=None, ge=0)
     spread_threshold: float | None = Field(default=None, ge=0)
     max_attempts: int | None = Field(default=None, ge=1)
+    # Independently built runtime sessions each variant and model is timed on (their medians' median is stored).
+    sessions: int | None = Field(default=None, ge=1)
     # Seconds of in-context kernel profiling the standard preset spends after its operator grid (None: the default).
     kernel_budget_s: float | None = Field(default=None, gt=0)
     # Busy cores seen from other processes above which a measurement is flagged "contention"; 0 switches it off.
     contention_threshold: float | None = Field(default=None, ge=0)
     # Real-time (SCHED_FIFO) priority for the timing thread where the OS allows it; FIGS_REALTIME=0 turns it off.
     realtime: bool | None = None
+    # Reference-kernel gate (latency_service.clock_gate): samples taken while the machine ran slow are set aside.
+    clock_gate: bool = True
+    clock_tolerance: float = Field(default=0.04, gt=0, lt=1)
 
     measure_lock_path: str | None = Field(
         default=DEFAULT_MEASURE_LOCK_PATH,

@@ -24,10 +24,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from latency_service import store
 from latency_service.backends import Backend, backend_class, create_backend
+from latency_service.clock_gate import ClockGate
 from latency_service.config import DEFAULT_MEASURE_LOCK_PATH, Settings
 from latency_service.db import transaction
 from latency_service.environment import host_environment
-from latency_service.measurement import MeasurementConfig, measure, measure_overhead
+from latency_service.measurement import MeasurementConfig, measure_overhead, measure_sessions
 from latency_service.models import Job, Predictor, utcnow
 from predictors.ops import op_from_dict
 
@@ -141,6 +142,7 @@ class MeasuringSession:
         self._backend_factory = backend_factory
         self._backend: Backend | None = None
         self._overhead_ms: float | None = None
+        self._gate: ClockGate | None = None
         self._init_lock = threading.Lock()
 
     @property
@@ -150,14 +152,25 @@ class MeasuringSession:
                 self._backend = self._backend_factory(self.settings)
             return self._backend
 
+    def gate(self) -> ClockGate | None:
+        """The reference-kernel gate, built (and calibrated, ~0.4 s) on first use; call with MEASUREMENT_LOCK held."""
+        if self.settings.clock_gate and self._gate is None:
+            self._gate = ClockGate.for_backend(self.backend, tolerance=self.settings.clock_tolerance)
+        return self._gate
+
     def overhead_ms(self) -> float:
         """The empty model's time; call with MEASUREMENT_LOCK held."""
         if self._overhead_ms is None:
-            self._overhead_ms = measure_overhead(self.backend, self.config)
+            self._overhead_ms = measure_overhead(self.backend, self.config, gate=self.gate())
         return self._overhead_ms
 
     def environment(self) -> dict[str, Any]:
-        return measurement_environment(self.backend, self.config)
+        environment = measurement_environment(self.backend, self.config)
+        gate = self._gate
+        environment["protocol"]["clock_gate"] = (
+            {"tolerance": gate.tolerance, "reference_nominal_ms": gate.nominal_s * 1e3} if gate is not None else None
+        )
+        return environment
 
 
 def run_job(
@@ -248,13 +261,15 @@ def _measure_item(
         with MEASUREMENT_LOCK:
             overhead_ms = measuring.overhead_ms()
             started_at = utcnow()
-            runnable = measuring.backend.prepare_op(op)
-            try:
-                stats = measure(runnable, measuring.config, overhead_ms=overhead_ms)
-                # Per-variant facts a backend learns while building (Edge TPU ops mapped, TensorRT engine build time).
-                details = dict(getattr(runnable, "details", None) or {})
-            finally:
-                runnable.close()
+            measured = measure_sessions(
+                lambda: measuring.backend.prepare_op(op),
+                measuring.config,
+                overhead_ms=overhead_ms,
+                gate=measuring.gate(),
+            )
+            stats = measured.stats
+            # Per-variant facts a backend learns while building (Edge TPU ops mapped, TensorRT engine build time).
+            details = measured.details
             finished_at = utcnow()
     except Exception as exc:  # any runtime error of one variant is that variant's failure, not the job's
         logger.warning("job %s: variant %s failed: %s", job_id, variant_key, exc)

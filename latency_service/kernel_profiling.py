@@ -28,8 +28,9 @@ import numpy as np
 import onnx
 
 from latency_service.backends.base import Backend
+from latency_service.clock_gate import ClockGate
 from latency_service.kernel_generator import SamplingPrior, random_network
-from latency_service.measurement import MeasurementConfig, measure, measure_overhead
+from latency_service.measurement import MeasurementConfig, measure_overhead, measure_sessions
 from predictors.kernels import Kernel, decompose
 
 # Profiled runs per network after the warm-up; node medians over these are stable to ~1 µs (the profiler's unit).
@@ -243,16 +244,15 @@ def profile_network(
     block: int,
     network_id: str,
     description: dict[str, Any] | None = None,
+    gate: ClockGate | None = None,
 ) -> ProfiledNetwork:
     """Profile one network per node and measure it end to end (un-profiled, the service's protocol)."""
     model_bytes = model.SerializeToString()
     optimised, medians = profile_nodes(backend, model_bytes)
     kernels = decompose(optimised, block_size=block)
-    runnable = backend.prepare_model(model_bytes)
-    try:
-        stats = measure(runnable, config, overhead_ms=overhead_ms)
-    finally:
-        runnable.close()
+    stats = measure_sessions(
+        lambda: backend.prepare_model(model_bytes), config, overhead_ms=overhead_ms, gate=gate
+    ).stats
     profiled = [medians.get(k.name, 0.0) for k in kernels]
     described = {**(description or {}), "unprofiled": [k.name for k in kernels if k.name not in medians]}
     return ProfiledNetwork(network_id, described, kernels, profiled, stats.median_ms, overhead_ms)
@@ -265,8 +265,11 @@ FIRST_ROUND_SHARE = 0.6
 ROUNDS = 3
 # Below this many networks a cross-validated error per network is too noisy to steer sampling (and costs a fit).
 MIN_NETWORKS_FOR_ADAPTIVE = 40
-# Shorter timing than operator variants: a network's median over ~0.15 s is already within ~1 % here.
-IN_CONTEXT_CONFIG = MeasurementConfig(warmup_runs=3, warmup_s=0.03, min_runs=15, min_time_s=0.12, max_time_s=0.8)
+# Shorter timing per session than operator variants: a network's wall time sums many kernels, so its median over
+# ~0.05 s per session is already within ~1 %, and the budget buys more networks.
+IN_CONTEXT_CONFIG = MeasurementConfig(
+    warmup_runs=3, warmup_s=0.02, min_runs=10, min_time_s=0.05, max_time_s=0.4, sessions=3
+)
 
 
 def _adaptive_prior(bad: Sequence[ProfiledNetwork], rng: np.random.Generator, base: SamplingPrior) -> SamplingPrior:
@@ -295,6 +298,7 @@ def profile_kernels_in_context(
     prior: SamplingPrior | None = None,
     networks_out: list[ProfiledNetwork] | None = None,
     lock: AbstractContextManager[Any] | None = None,
+    gate: ClockGate | None = None,
 ) -> list[KernelSample]:
     """Generate and profile networks until ``budget_s`` is spent; return every kernel's reconciled sample.
 
@@ -312,7 +316,7 @@ def profile_kernels_in_context(
     start = time.monotonic()
     guard = lock if lock is not None else nullcontext()
     with guard:
-        overhead = measure_overhead(backend, config)
+        overhead = measure_overhead(backend, config, gate=gate)
         block = block_size(backend)
     networks: list[ProfiledNetwork] = [] if networks_out is None else networks_out
     round_ends = [FIRST_ROUND_SHARE + (1 - FIRST_ROUND_SHARE) * r / (ROUNDS - 1) for r in range(ROUNDS)]
@@ -336,6 +340,7 @@ def profile_kernels_in_context(
                             block=block,
                             network_id=f"gen-{seed}-{len(networks)}",
                             description=description,
+                            gate=gate,
                         )
                     )
                 if abs(agreement(attempts[-1]) - 1.0) <= WALL_TRUST_BAND:

@@ -115,6 +115,7 @@ def register_model_commands(app: typer.Typer) -> None:
                     overhead_ms=measuring.overhead_ms(),
                     environment=measuring.environment(),
                     model_name=model.name,
+                    gate=measuring.gate(),
                 )
         except InvalidModelError as exc:
             fail(f"model: {exc.message}")

@@ -19,7 +19,8 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from latency_service import store
-from latency_service.backends.base import Backend
+from latency_service.backends.base import Backend, Runnable
+from latency_service.clock_gate import ClockGate
 from latency_service.db import transaction
 from latency_service.fusion_rules import FusionRule, detect_fusions
 from latency_service.kernel_fit import DEFAULT_METHOD, KernelPredictor, compare_methods, fit_kernel_predictor
@@ -34,7 +35,7 @@ from latency_service.kernel_profiling import (
     optimise,
     profile_kernels_in_context,
 )
-from latency_service.measurement import MeasurementConfig, measure
+from latency_service.measurement import MeasurementConfig, measure_sessions
 from predictors.kernel_shapes import KernelDecompositionError, static_shapes
 from predictors.kernels import decompose
 
@@ -161,20 +162,21 @@ def measure_model(
     overhead_ms: float | None,
     environment: dict[str, Any],
     model_name: str | None = None,
+    gate: ClockGate | None = None,
 ) -> dict[str, Any]:
     """Measure a model end to end with the service's protocol and store the measurement (caller commits).
 
     The caller holds the process-wide measurement lock: two timings on one CPU corrupt each other.
     """
     validate_model(model_bytes)
-    try:
-        runnable = backend.prepare_model(model_bytes)
-    except Exception as exc:  # the runtime refusing the graph is a property of the body
-        raise InvalidModelError(f"the runtime cannot load this model: {exc}") from exc
-    try:
-        stats = measure(runnable, config, overhead_ms=overhead_ms)
-    finally:
-        runnable.close()
+
+    def prepare() -> Runnable:
+        try:
+            return backend.prepare_model(model_bytes)
+        except Exception as exc:  # the runtime refusing the graph is a property of the body
+            raise InvalidModelError(f"the runtime cannot load this model: {exc}") from exc
+
+    stats = measure_sessions(prepare, config, overhead_ms=overhead_ms, gate=gate).stats
     digest = model_sha256(model_bytes)
     store.add_model_measurement(
         session=session,
@@ -353,8 +355,17 @@ def run_in_context_profiling(
     networks: list[ProfiledNetwork] = []
     with lock if lock is not None else nullcontext():
         rules = detect_fusions(backend, config)
+    with lock if lock is not None else nullcontext():
+        gate = measuring.gate()
     profile_kernels_in_context(
-        backend, config, budget_s=budget_s, progress=progress, networks_out=networks, lock=lock, prior=prior
+        backend,
+        config,
+        budget_s=budget_s,
+        progress=progress,
+        networks_out=networks,
+        lock=lock,
+        prior=prior,
+        gate=gate,
     )
     if not networks:
         raise RuntimeError(f"in-context profiling produced no network in {budget_s:.0f} s")

@@ -81,6 +81,9 @@ class Measurement(Base):
     flagged: Mapped[bool] = mapped_column(Boolean, default=False)
     flag_reason: Mapped[str | None] = mapped_column(Text)
     overhead_ms: Mapped[float | None] = mapped_column(Float)
+    # Independently built runtime sessions the median was taken over, and how far their medians lay apart.
+    sessions: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    session_spread: Mapped[float | None] = mapped_column(Float)
     environment: Mapped[dict[str, Any]]
     job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
     valid: Mapped[bool] = mapped_column(Boolean, default=True)
@@ -108,6 +111,8 @@ class ModelMeasurement(Base):
     cv: Mapped[float] = mapped_column(Float)
     n: Mapped[int] = mapped_column(Integer)
     flagged: Mapped[bool] = mapped_column(Boolean, default=False)
+    sessions: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    session_spread: Mapped[float | None] = mapped_column(Float)
     environment: Mapped[dict[str, Any]]
     measured_at: Mapped[datetime] = mapped_column(default=utcnow)
 

@@ -131,6 +131,8 @@ def add_measurement(
         flagged=stats.flagged,
         flag_reason=stats.flag_reason,
         overhead_ms=stats.overhead_ms,
+        sessions=stats.sessions,
+        session_spread=stats.session_spread,
         environment=environment,
         job_id=job_id,
         valid=True,
@@ -426,6 +428,8 @@ def add_model_measurement(
         cv=stats.cv,
         n=stats.n,
         flagged=stats.flagged,
+        sessions=stats.sessions,
+        session_spread=stats.session_spread,
         environment=environment,
         measured_at=utcnow(),
     )

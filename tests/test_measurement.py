@@ -8,6 +8,7 @@ import random
 import subprocess
 import sys
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,8 +19,10 @@ from latency_service.measurement import (
     MeasurementConfig,
     MeasurementStats,
     block_spread,
+    combine_sessions,
     measure,
     measure_overhead,
+    measure_sessions,
     pin_to_cores,
     robust_cv,
     summarize,
@@ -132,6 +135,7 @@ def test_contention_from_another_process_is_detected() -> None:
         ({"cv_threshold": -1.0}, "cv_threshold"),
         ({"cores": ()}, "cores"),
         ({"blocks": 1.5}, "blocks"),
+        ({"sessions": 0}, "sessions"),
     ],
 )
 def test_bad_config_names_the_field(changes: dict[str, object], field: str) -> None:
@@ -187,3 +191,72 @@ def test_host_environment_names_the_machine() -> None:
         assert env["allowed_cores"] == sorted(os.sched_getaffinity(0))
     assert env["governor"] is None or isinstance(env["governor"], str)
     assert host_environment() is not host_environment()  # callers may mutate their copy
+
+
+def _session_stats(median_ms: float, *, flagged: bool = False) -> MeasurementStats:
+    return MeasurementStats(
+        median_ms=median_ms,
+        p10_ms=median_ms,
+        p90_ms=median_ms,
+        mean_ms=median_ms,
+        cv=0.01,
+        n=3,
+        spread=0.0,
+        attempts=1,
+        flagged=flagged,
+        flag_reason="cv 0.2 > 0.1" if flagged else None,
+        overhead_ms=None,
+    )
+
+
+def test_median_of_session_medians_ignores_a_minority_mode() -> None:
+    # The shape measured here: most sessions on one level, a minority 25 % faster or 14 % slower.
+    medians = [0.20, 0.15, 0.20, 0.228, 0.201]
+    stats = combine_sessions([_session_stats(m) for m in medians], [np.full(3, m) for m in medians])
+    assert stats.median_ms == pytest.approx(0.20)
+    assert stats.sessions == 5 and stats.n == 15
+    assert stats.session_spread == pytest.approx((0.228 - 0.15) / 0.20)
+    assert stats.p10_ms < stats.median_ms < stats.p90_ms and not stats.flagged
+
+
+def test_sessions_flag_only_when_most_are_noisy() -> None:
+    two_noisy = [_session_stats(1.0, flagged=i < 2) for i in range(5)]
+    three_noisy = [_session_stats(1.0, flagged=i < 3) for i in range(5)]
+    samples = [np.ones(3)] * 5
+    assert not combine_sessions(two_noisy, samples).flagged
+    combined = combine_sessions(three_noisy, samples)
+    assert combined.flagged and combined.flag_reason is not None and "3 of 5 sessions" in combined.flag_reason
+
+
+def test_measure_sessions_builds_distinct_runnables_and_closes_them_all() -> None:
+    backend = OnnxRuntimeBackend()
+    built: list[Any] = []
+
+    def prepare() -> Any:
+        runnable = backend.prepare_op(Conv2d(cin=16, cout=32, hw=14, k=3))
+        built.append(runnable)
+        return runnable
+
+    config = MeasurementConfig(warmup_runs=1, warmup_s=0.0, min_runs=10, min_time_s=0.01, sessions=3)
+    result = measure_sessions(prepare, config, overhead_ms=0.004)
+    assert len({id(r) for r in built}) == 3 and result.stats.sessions == 3
+    assert result.stats.n >= 30 and result.stats.overhead_ms == 0.004
+    # Closed: the runnables dropped their sessions, so none can run again.
+    assert all(r._session is None for r in built)
+    assert result.stats.median_ms > 0 and result.stats.session_spread >= 0
+
+
+def test_measure_sessions_closes_what_it_built_when_a_build_fails() -> None:
+    backend = OnnxRuntimeBackend()
+    built: list[Any] = []
+
+    def prepare() -> Any:
+        if len(built) == 2:
+            raise ValueError("model: third build refused")
+        runnable = backend.prepare_op(Conv2d(cin=8, cout=8, hw=8))
+        built.append(runnable)
+        return runnable
+
+    with pytest.raises(ValueError, match="third build"):
+        measure_sessions(prepare, MeasurementConfig(sessions=3))
+    assert len(built) == 2 and all(r._session is None for r in built)

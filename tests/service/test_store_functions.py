@@ -93,6 +93,19 @@ def test_sqlite_runs_in_wal_mode(sqlite_url: str) -> None:
         engine.dispose()
 
 
+def test_session_count_and_spread_are_stored(factory: sessionmaker[Session]) -> None:
+    conv = Conv2d(cin=8, cout=16, hw=8)
+    with transaction(factory) as session:
+        store.get_or_create_variants(session=session, ops=[conv])
+        five_sessions = MeasurementStats(**{**stats(1.0).to_dict(), "sessions": 5, "session_spread": 0.03})
+        store.add_measurement(
+            session=session, device_id="dev-a", variant_key=conv.key, stats=five_sessions, environment={}
+        )
+    with transaction(factory) as session:
+        row = session.scalars(select(Measurement).where(Measurement.device_id == "dev-a")).one()
+        assert (row.sessions, row.session_spread) == (5, pytest.approx(0.03))
+
+
 def test_measurement_history_is_kept_and_latest_valid_wins(factory: sessionmaker[Session]) -> None:
     conv, small_relu = Conv2d(cin=8, cout=8, hw=8), relu(8, 8)
     with transaction(factory) as session:

@@ -89,6 +89,7 @@ def _measure(service: ServiceState, model_bytes: bytes, name: str | None) -> dic
                 overhead_ms=overhead_ms,
                 environment=measuring.environment(),
                 model_name=name,
+                gate=measuring.gate(),
             )
 
 
