@@ -6,7 +6,8 @@ baseline of the same space at the same measured latency, the exact vs plug-in ex
 search wall time vs plain training of the same supernet, and the cost terms' share of a training step (goal ≤ 5 %).
 
 It starts its own latency service on a loopback port (or uses ``--device URL``), profiles the space's own layers
-at a few widths, fits, calibrates the table → measured map with uniform-width models, and searches.
+at a few widths, fits, calibrates the table → measured map with uniform-width models, and searches; the final
+width is chosen by measurement (``search.refine.select_width``), then fine-tuned and measured once more.
 
     python bench/bench_search.py --quick            # digits, 1 seed (~10 minutes on 2 cores)
     python bench/bench_search.py                    # digits and mnist5k, 3 seeds
@@ -26,7 +27,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +39,10 @@ from search.costs import CostModel
 from search.data import DataBundle, load_dataset
 from search.export import LatencyCalibration, calibrate_device, compact_aligned, evaluate, onnx_bytes
 from search.gates import GateConfig
+from search.refine import WidthKnob, compact_searched, refine_to_measured, select_width
 from search.service_client import DeviceService, ServiceError, dense_tables, table_layers
 from search.spaces.base import SearchSpace, create_space
-from search.trainer import SearchConfig, finetune, refine_to_measured, run_search, train_plain
+from search.trainer import SearchConfig, finetune, run_search, train_plain
 
 MULTIPLIERS = (0.25, 0.5, 0.75, 1.0)
 CHANNEL_MULTIPLE = 8  # onnxruntime's blocked layout wants aligned widths (see search.export.align_channel_counts)
@@ -55,12 +57,14 @@ class Mode:
     finetune_steps: int
     profile_fractions: tuple[float, ...]
     overhead_steps: int
-    refine_rounds: int
+    refine_rounds: int  # table-target corrections with more search steps, before the width selection
     refine_steps: int
+    max_measurements: int = 8  # of the width selection (0: export the searched widths)
+    tolerance: float = 0.05
 
 
-QUICK = Mode(("digits",), (0,), 250, 120, (0.25, 0.5, 1.0), 40, 2, 80)
-FULL = Mode(("digits", "mnist5k"), (0, 1, 2), 600, 300, (0.125, 0.25, 0.5, 0.75, 1.0), 100, 3, 150)
+QUICK = Mode(("digits",), (0,), 250, 120, (0.25, 0.5, 1.0), 40, 0, 80)
+FULL = Mode(("digits", "mnist5k"), (0, 1, 2), 600, 300, (0.125, 0.25, 0.5, 0.75, 1.0), 100, 0, 150)
 
 
 def free_port() -> int:
@@ -164,10 +168,28 @@ def search_once(
         scales={"cpu": calibration.scale},
         rounds=mode.refine_rounds,
         steps=mode.refine_steps,
-        compact=lambda s: compact_aligned(s, multiple=CHANNEL_MULTIPLE)[0],
+        compact=lambda s: compact_searched(s, multiple=CHANNEL_MULTIPLE),
+        tolerance=mode.tolerance,
     )
     refine_seconds = time.perf_counter() - started
-    compact, arch = compact_aligned(space, multiple=CHANNEL_MULTIPLE)
+    started = time.perf_counter()
+    knob = WidthKnob(space, multiple=CHANNEL_MULTIPLE)
+    predict = knob.predictor({"cpu": tables}, {"cpu": calibration})
+    plan = knob.searched
+    selection = None
+    if mode.max_measurements:
+        selection = select_width(
+            knob,
+            measure,
+            {"cpu": target_ms},
+            predict=predict,
+            tolerance=mode.tolerance,
+            max_measurements=mode.max_measurements,
+        )
+        plan = selection.plan
+    select_seconds = time.perf_counter() - started
+    compact, arch = knob.compact(plan)
+    knob.restore()
     started = time.perf_counter()
     finetune(compact, bundle, mode.finetune_steps, seed=seed)
     finetune_seconds = time.perf_counter() - started
@@ -188,15 +210,24 @@ def search_once(
         "measured_before_refine_ms": rounds[0].measured_ms["cpu"],
         "error_before_refine": rounds[0].measured_ms["cpu"] / target_ms - 1,
         "refine_rounds": len(rounds) - 1,
+        "expected_selected_ms": predict(plan)["cpu"],
+        "selection_measurements": len(selection.measurements) if selection else 0,
+        "selection_within_tolerance": selection.within_tolerance if selection else None,
+        "selected_scale": plan.scale,
+        "measured_selected_ms": next(m.measured_ms["cpu"] for m in selection.measurements if m.index == plan.index)
+        if selection
+        else None,
         "measured_ms": measured,
         "error": measured / target_ms - 1,
         "accuracy": evaluate(compact, bundle.test).accuracy,
         "search_seconds": result.wall_seconds,
         "refine_seconds": refine_seconds,
+        "select_seconds": select_seconds,
         "finetune_seconds": finetune_seconds,
         "cost_seconds": result.cost_seconds,
         "steps": result.steps_done,
         "nodes": len(arch["nodes"]),
+        "width_selection": asdict(selection) if selection else None,
     }
 
 
@@ -330,8 +361,8 @@ def exact_vs_plugin_gap(space: SearchSpace, tables: list[torch.Tensor], draws: i
 
 def summarise(results: list[dict[str, Any]]) -> str:
     lines = [
-        "| data | expectation | target ms | measured ms: search only | after refinement | error | within ±10 % "
-        "| accuracy | uniform baseline acc. (width, ms) |",
+        "| data | expectation | target ms | measured ms: searched widths | after width selection (measurements) "
+        "| error | within ±10 % | accuracy | uniform baseline acc. (width, ms) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for result in results:
@@ -340,11 +371,13 @@ def summarise(results: list[dict[str, Any]]) -> str:
             for expectation in ("exact", "plugin"):
                 runs = [r for r in result["runs"] if r["target_ms"] == target and r["expectation"] == expectation]
                 hits = sum(abs(r["error"]) <= 0.10 for r in runs)
+                counts = "/".join(str(r["selection_measurements"]) for r in runs)
                 lines.append(
                     f"| {result['dataset']} | {expectation} | {target:.4f} | "
                     f"{np.mean([r['measured_before_refine_ms'] for r in runs]):.4f} "
                     f"({np.mean([r['error_before_refine'] for r in runs]):+.0%}) | "
-                    f"{np.mean([r['measured_ms'] for r in runs]):.4f} | {np.mean([r['error'] for r in runs]):+.1%} | "
+                    f"{np.mean([r['measured_ms'] for r in runs]):.4f} ({counts}) | "
+                    f"{np.mean([r['error'] for r in runs]):+.1%} | "
                     f"{hits}/{len(runs)} | {np.mean([r['accuracy'] for r in runs]):.3f} | "
                     f"{np.mean([b['accuracy'] for b in base]):.3f} (×{base[0]['multiplier']:.2f}, "
                     f"{np.mean([b['measured_ms'] for b in base]):.4f}) |"
@@ -368,12 +401,18 @@ def main() -> None:
     parser.add_argument("--device", help="use this latency service instead of starting one (it must be profiled)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/search.json"))
     parser.add_argument("--datasets", help="comma-separated, overrides the mode's (e.g. mnist5k)")
+    parser.add_argument("--refine-rounds", type=int, help="table-target corrections before the width selection")
+    parser.add_argument("--max-measurements", type=int, help="of the width selection (0: searched widths)")
     args = parser.parse_args()
     # SIGTERM must unwind through local_service() so the service process it started is stopped too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     mode = QUICK if args.quick else FULL
     if args.datasets:
         mode = replace(mode, datasets=tuple(args.datasets.split(",")))
+    if args.refine_rounds is not None:
+        mode = replace(mode, refine_rounds=args.refine_rounds)
+    if args.max_measurements is not None:
+        mode = replace(mode, max_measurements=args.max_measurements)
     torch.set_num_threads(1)  # the service measures on the other core; keep training off it
     with given_service(args.device) if args.device else local_service() as url:
         service = DeviceService(url)

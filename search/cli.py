@@ -23,31 +23,30 @@ from search.export import (
     DeviceLink,
     LatencyCalibration,
     calibrate_devices,
-    compact_aligned,
     connect_devices,
     device_tables,
     evaluate,
     export_onnx,
     load_checkpoint_space,
-    measure_on_devices,
     read_architecture,
-    verify_on_devices,
     write_architecture,
 )
 from search.farm import farm_app
 from search.gates import GateConfig
 from search.plots import plot_keep_probabilities, plot_trajectory
+from search.refine import (
+    RefineRound,
+    WidthKnob,
+    WidthSelection,
+    compact_searched,
+    measure_on_devices,
+    refine_to_measured,
+    select_width,
+    verify_on_devices,
+)
 from search.service_client import ServiceError, ServiceUnavailableError
 from search.spaces.base import create_space, from_architecture, list_spaces
-from search.trainer import (
-    CHECKPOINT_NAME,
-    RefineRound,
-    SearchConfig,
-    finetune,
-    refine_to_measured,
-    retrain_from_scratch,
-    run_search,
-)
+from search.trainer import CHECKPOINT_NAME, SearchConfig, finetune, retrain_from_scratch, run_search
 
 app = typer.Typer(help="FiGS: hardware-aware fine-grained stochastic architecture search.", no_args_is_help=True)
 app.add_typer(farm_app, name="farm")
@@ -99,7 +98,7 @@ def search(
     strength: Annotated[float, typer.Option(help="penalty strength (hinge)")] = 2.0,
     optimizer: Annotated[str, typer.Option(help="sgd, adam or rmsprop (weights)")] = "adam",
     lr: Annotated[float, typer.Option()] = 3e-3,
-    gate_lr: Annotated[float, typer.Option()] = 0.05,
+    gate_lr: Annotated[float, typer.Option()] = 0.2,
     batch_size: Annotated[int, typer.Option(min=1)] = 64,
     finetune_steps: Annotated[int, typer.Option(min=0)] = 200,
     retrain: Annotated[
@@ -119,11 +118,14 @@ def search(
     temperature_decay: Annotated[float, typer.Option(help="anneal: τ · decay^(step / decay-steps)")] = 1.0,
     decay_steps: Annotated[int, typer.Option(min=1)] = 1000,
     straight_through: Annotated[bool, typer.Option(help="hard 0/1 masks forward, relaxed gradient backward")] = False,
+    max_measurements: Annotated[
+        int, typer.Option(min=0, help="device measurements to choose the final width by (0: take the searched one)")
+    ] = 8,
     refine_rounds: Annotated[
-        int, typer.Option(min=0, help="measure on the devices and correct the targets this many times")
-    ] = 2,
+        int, typer.Option(min=0, help="before that, correct the table targets and search on this many times")
+    ] = 0,
     refine_steps: Annotated[int, typer.Option(min=1, help="search steps after each correction")] = 100,
-    tolerance: Annotated[float, typer.Option(help="stop refining when every device is this close (relative)")] = 0.05,
+    tolerance: Annotated[float, typer.Option(help="stop when every device is this close to target (relative)")] = 0.05,
     channel_multiple: Annotated[
         int,
         typer.Option(min=1, help="round kept widths to this multiple (1: off); unaligned widths ran 4x slower here"),
@@ -150,6 +152,9 @@ def search(
             expectation=expectation,  # type: ignore[arg-type]
             seed=seed,
         )
+        for name, value in (("--threshold", threshold), ("--tolerance", tolerance)):
+            if not 0 < value < 1:
+                raise ValueError(f"{name}: must be in (0, 1), got {value}")
         if space not in list_spaces():
             raise ValueError(f"--space: unknown space {space!r}; known: {', '.join(list_spaces())}")
         gate = GateConfig(
@@ -181,11 +186,13 @@ def search(
             "data": data,
             "seed": seed,
             "threshold": threshold,
+            "channel_multiple": channel_multiple,
             "gate": asdict(gate),
             **_shape(bundle),
         }
         result = run_search(config, supernet, bundle, tables, out_dir=out, resume=resume, checkpoint_meta=meta)
         refinement: list[RefineRound] = []
+        measured_targets = {link.name: t for link, t in zip(links, targets, strict=True)}
         if measure and refine_rounds:
             scales = {name: calibrations[name].scale if calibrate else 1.0 for name in table_targets}
             config, refinement = refine_to_measured(
@@ -193,20 +200,35 @@ def search(
                 supernet,
                 bundle,
                 tables,
-                targets_ms={link.name: t for link, t in zip(links, targets, strict=True)},
+                targets_ms=measured_targets,
                 measure=lambda model: measure_on_devices(links, model, bundle),
                 scales=scales,
                 rounds=refine_rounds,
                 steps=refine_steps,
                 tolerance=tolerance,
-                compact=lambda space_: compact_aligned(space_, threshold=threshold, multiple=channel_multiple)[0],
+                compact=lambda space_: compact_searched(space_, multiple=channel_multiple, threshold=threshold),
             )
-    compact, arch = compact_aligned(supernet, threshold=threshold, multiple=channel_multiple)
+        knob = WidthKnob(supernet, multiple=channel_multiple, threshold=threshold)
+        predict = knob.predictor(tables, calibrations)
+        selection: WidthSelection | None = None
+        plan = knob.searched
+        if measure and max_measurements:
+            selection = select_width(
+                knob,
+                lambda model: measure_on_devices(links, model, bundle),
+                measured_targets,
+                predict=predict,
+                tolerance=tolerance,
+                max_measurements=max_measurements,
+            )
+            plan = selection.plan
+            _record_in_checkpoint(out / CHECKPOINT_NAME, supernet, width_scale=plan.scale)
+    compact, arch = knob.compact(plan)
+    knob.restore()
     if retrain:
         compact = retrain_from_scratch(compact, bundle, finetune_steps, batch_size=batch_size, seed=seed, progress=True)
     elif finetune_steps:
         finetune(compact, bundle, finetune_steps, batch_size=batch_size, seed=seed, progress=True)
-    measured_targets = {link.name: t for link, t in zip(links, targets, strict=True)}
     report = _export_all(
         compact, arch, bundle, out, result.keep_probabilities, result.history, config.target_latency_ms
     )
@@ -223,12 +245,11 @@ def search(
     }
     report["table_targets_ms"] = config.target_latency_ms
     report["refinement"] = [asdict(r) for r in refinement]
+    report["width_selection"] = asdict(selection) if selection is not None else None
     report["devices"] = []
     if measure:
         onnx = (out / "model.onnx").read_bytes()
-        report["devices"] = verify_on_devices(
-            links, onnx, measured_targets, result.final_costs, calibrations, err_console
-        )
+        report["devices"] = verify_on_devices(links, onnx, measured_targets, predict(plan), err_console)
         _print_device_table(report["devices"])
     (out / "report.json").write_text(json.dumps(report, indent=2))
     console.print(f"wrote {out}/arch.json, model.onnx, model.pt, keep_probabilities.png, trajectory.png, report.json")
@@ -252,6 +273,17 @@ def _calibrations(
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({name: asdict(c) for name, c in calibrations.items()}, indent=2))
     return calibrations
+
+
+def _record_in_checkpoint(path: Path, supernet: torch.nn.Module, **meta: Any) -> None:
+    """Store the supernet the width was chosen from (refinement rounds train on after the checkpoint) and the choice,
+    so that ``figs export`` rebuilds the network this search exported."""
+    state = torch.load(path, weights_only=False)
+    state["space"] = supernet.state_dict()
+    state["meta"].update(meta)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
 
 
 def _shape(bundle: DataBundle) -> dict[str, int]:
@@ -312,11 +344,12 @@ def export_command(
         if checkpoint.is_dir():
             checkpoint = checkpoint / CHECKPOINT_NAME
         supernet, meta = load_checkpoint_space(checkpoint)
-        compact, arch = compact_aligned(
-            supernet,
-            threshold=threshold if threshold is not None else meta.get("threshold", 0.5),
-            multiple=meta.get("channel_multiple", 1),
-        )
+        threshold = threshold if threshold is not None else meta.get("threshold", 0.5)
+        if not 0 < threshold < 1:
+            raise ValueError(f"--threshold: must be in (0, 1), got {threshold}")
+        knob = WidthKnob(supernet, multiple=meta.get("channel_multiple", 1), threshold=threshold)
+        # A search that measured its way to a width recorded the scale; older checkpoints mean the searched one.
+        compact, arch = knob.compact(knob.plan_at(meta.get("width_scale", 1.0)))
         out.mkdir(parents=True, exist_ok=True)
         write_architecture(arch, out / "arch.json")
         torch.save(compact.state_dict(), out / "model.pt")

@@ -25,8 +25,6 @@ from search.data import DataBundle
 from search.gates import ChannelGate, GateConfig, GateGroup, OperatorGated
 from search.service_client import (
     DeviceService,
-    ServiceError,
-    ServiceUnavailableError,
     dense_tables,
     table_layers,
 )
@@ -90,19 +88,19 @@ def read_architecture(path: Path | str) -> dict[str, Any]:
     return arch
 
 
-def _channel_gates(source: object) -> list[ChannelGate]:
-    """The channel gates behind a source (through operator switches and concatenations)."""
+def channel_gates(source: object) -> list[ChannelGate]:
+    """The learnable channel gates behind a source (through operator switches and tied groups)."""
     if isinstance(source, ChannelGate):
         return [] if source.config.fixed_on else [source]
     if isinstance(source, OperatorGated):
-        return _channel_gates(source.inner)
+        return channel_gates(source.inner)
     if isinstance(source, GateGroup):
-        return [g for member in source.members for g in _channel_gates(member)]
+        return [g for member in source.members for g in channel_gates(member)]
     return []
 
 
 @torch.no_grad()
-def _force_alive(gate: ChannelGate, keep: torch.Tensor, threshold: float, margin: float = 0.05) -> None:
+def force_alive(gate: ChannelGate, keep: torch.Tensor, threshold: float, margin: float = 0.05) -> None:
     """Move log-odds just across ``threshold`` so exactly ``keep`` is alive; the other log-odds stay where they are."""
     saved = gate.log_odds.clone()
     gate.log_odds.zero_()
@@ -113,19 +111,65 @@ def _force_alive(gate: ChannelGate, keep: torch.Tensor, threshold: float, margin
     gate.log_odds.copy_(torch.where(keep, saved.clamp(min=boundary + margin), saved.clamp(max=boundary - margin)))
 
 
-def _aligned_keep(probability: torch.Tensor, alive: torch.Tensor, multiple: int) -> torch.Tensor:
-    n = probability.numel()
-    count = int(alive.sum())
-    if n <= multiple or count == 0:
-        return alive
-    aligned = max(multiple, round(count / multiple) * multiple)
-    if aligned > n:  # the nearest multiple does not fit: the largest multiple that does
-        aligned = (n // multiple) * multiple
-    # Alive channels first, then by probability: rounding up adds the likeliest dead channels.
-    order = torch.argsort(probability + 2.0 * alive.to(probability.dtype), descending=True)
-    keep = torch.zeros(n, dtype=torch.bool)
-    keep[order[:aligned]] = True
-    return keep
+def aligned_count(count: float, width: int, multiple: int) -> int:
+    """``count`` rounded half-up to a multiple of ``multiple``, at least one multiple and at most what fits in
+    ``width`` (a width of at most one multiple: whole channels in [1, width]); a dead unit (0) stays dead."""
+    if count <= 0:
+        return 0
+    if width <= multiple:
+        return min(width, max(1, math.floor(count + 0.5)))
+    return min((width // multiple) * multiple, max(multiple, math.floor(count / multiple + 0.5) * multiple))
+
+
+@dataclass
+class WidthUnit:
+    """Channels that compact to one width: a lone gate, or the gates tied by residual adds (one keep set for all)."""
+
+    gates: list[ChannelGate]
+    probability: torch.Tensor  # P(alive) per channel, the ranking
+    alive: torch.Tensor  # alive at the threshold, as compaction sees it
+
+    @property
+    def live(self) -> int:
+        return int(self.alive.sum())
+
+    def keep(self, count: int) -> torch.Tensor:
+        """The ``count`` channels to keep: alive ones first, then by probability (nested as ``count`` grows)."""
+        order = torch.argsort(
+            self.probability + 2.0 * self.alive.to(self.probability.dtype), descending=True, stable=True
+        )
+        keep = torch.zeros(self.probability.numel(), dtype=torch.bool)
+        keep[order[:count]] = True
+        return keep
+
+    def force(self, keep: torch.Tensor, threshold: float, margin: float = 0.05) -> None:
+        for gate in self.gates:
+            force_alive(gate, keep, threshold, margin)
+
+
+@torch.no_grad()
+def width_units(space: SearchSpace, threshold: float = 0.5) -> list[WidthUnit]:
+    """The space's width units; groups that share a gate (the add aggregator's overlapping sums) are merged."""
+    groups = {id(s): s for layer in space.latency_layers() for s in (layer.cin_source, layer.cout_source)}
+    merged: list[tuple[dict[int, ChannelGate], torch.Tensor]] = []
+    for group in (g for g in groups.values() if isinstance(g, GateGroup)):
+        gates = {id(g): g for g in channel_gates(group)}
+        alive = group.alive(threshold)
+        for other in [m for m in merged if gates.keys() & m[0].keys()]:
+            merged.remove(other)
+            gates |= other[0]
+            alive = alive | other[1]
+        if gates:
+            merged.append((gates, alive))
+    tied = {key for gates, _ in merged for key in gates}
+    for gate in space.gates():
+        if isinstance(gate, ChannelGate) and id(gate) not in tied and not gate.config.fixed_on:
+            merged.append(({id(gate): gate}, gate.alive(threshold)))
+    units = []
+    for gates, alive in merged:
+        dead = torch.stack([1 - g.keep_probability() for g in gates.values()]).prod(dim=0)
+        units.append(WidthUnit(list(gates.values()), (1 - dead).detach(), alive))
+    return units
 
 
 def align_channel_counts(space: SearchSpace, multiple: int, threshold: float = 0.5, *, margin: float = 0.05) -> None:
@@ -134,28 +178,12 @@ def align_channel_counts(space: SearchSpace, multiple: int, threshold: float = 0
     Measured on this CPU (onnxruntime 1.32, 1 thread, digits-sized blocks tower): uniform networks whose widths
     are multiples of 8 ran in 0.20-0.28 ms, the same tower at widths like 9, 18, 27, 54 in 0.8-1.3 ms — the
     runtime keeps its blocked NCHWc layout only for aligned channel counts.  Tied channels (residual streams) are
-    aligned as one group: every member keeps the group's channels, so the union is the aligned set.
+    aligned as one unit: every member keeps the unit's channels, so the union is the aligned set.
     """
     if multiple <= 1:
         return
-    handled: set[int] = set()
-    groups: dict[int, GateGroup] = {}
-    for layer in space.latency_layers():
-        for source in (layer.cin_source, layer.cout_source):
-            if isinstance(source, GateGroup):
-                groups[id(source)] = source
-    for group in groups.values():
-        members = _channel_gates(group)
-        if not members:
-            continue
-        keep = _aligned_keep(group.keep_probability().detach(), group.alive(threshold), multiple)
-        for gate in members:
-            _force_alive(gate, keep, threshold, margin)
-            handled.add(id(gate))
-    for lone in space.gates():
-        if isinstance(lone, ChannelGate) and id(lone) not in handled and not lone.config.fixed_on:
-            keep = _aligned_keep(lone.keep_probability().detach(), lone.alive(threshold), multiple)
-            _force_alive(lone, keep, threshold, margin)
+    for unit in width_units(space, threshold):
+        unit.force(unit.keep(aligned_count(unit.live, unit.alive.numel(), multiple)), threshold, margin)
 
 
 def compact_aligned(
@@ -316,43 +344,6 @@ def calibrate_devices(
     return calibrations
 
 
-def measure_on_devices(links: list[DeviceLink], model: nn.Module, bundle: DataBundle) -> dict[str, float]:
-    """Median measured latency of ``model`` on every device (for the refinement loop)."""
-    onnx = onnx_bytes(model, bundle.in_channels, bundle.image_size)
-    return {link.name: link.service.measure_model(onnx).median_ms for link in links}
-
-
-def verify_on_devices(
-    links: list[DeviceLink],
-    onnx: bytes,
-    targets: dict[str, float],
-    expected: dict[str, float],
-    calibrations: dict[str, LatencyCalibration],
-    console: Console,
-) -> list[dict[str, Any]]:
-    """Ask each device to predict and measure the exported model; a device that fails is reported, not fatal."""
-    rows = []
-    for link in links:
-        row: dict[str, Any] = {"device": link.name, "url": link.url, "target_ms": targets.get(link.name)}
-        table_ms = expected.get(f"latency_ms/{link.name}")
-        calibration = calibrations.get(link.name, LatencyCalibration.identity())
-        row["expected_ms"] = calibration.to_measured(table_ms) if table_ms is not None else None
-        try:
-            prediction = link.service.predict_model(onnx)
-            row["predicted_ms"] = prediction.total_ms
-            row["unmodelled"] = prediction.unmodelled
-        except (ServiceError, ServiceUnavailableError) as exc:
-            row["predict_error"] = str(exc)
-        try:
-            measurement = link.service.measure_model(onnx)
-            row.update(measured_ms=measurement.median_ms, p10_ms=measurement.p10_ms, p90_ms=measurement.p90_ms)
-        except (ServiceError, ServiceUnavailableError) as exc:
-            row["measure_error"] = str(exc)
-            console.print(f"{link.name}: {exc}", highlight=False)
-        rows.append(row)
-    return rows
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, data: TensorDataset | DataLoader, *, batch_size: int = 512) -> Evaluation:
     """Top-1 accuracy and mean cross-entropy of ``model`` in eval mode (no gate sampling, no dropout)."""
@@ -381,18 +372,21 @@ __all__ = [
     "DeviceLink",
     "Evaluation",
     "LatencyCalibration",
+    "WidthUnit",
     "align_channel_counts",
+    "aligned_count",
     "calibrate_device",
     "calibrate_devices",
+    "channel_gates",
     "compact_aligned",
     "connect_devices",
     "device_tables",
     "evaluate",
     "export_onnx",
+    "force_alive",
     "load_checkpoint_space",
-    "measure_on_devices",
     "onnx_bytes",
     "read_architecture",
-    "verify_on_devices",
+    "width_units",
     "write_architecture",
 ]

@@ -111,7 +111,7 @@ def test_search_export_evaluate_resume_end_to_end(service: LiveService, tmp_path
     target = reachable_target(service.url)
     out = tmp_path / "run"
     base = ["search", "--data", "digits", "--device", service.url, "--target-latency-ms", f"{target:.5f}"]
-    base += ["--refine-rounds", "1", "--refine-steps", "10", "--out", str(out)]
+    base += ["--max-measurements", "4", "--out", str(out)]
     result = runner.invoke(app, [*base, "--steps", "30", "--finetune-steps", "20"])
     assert result.exit_code == 0, result.output
     for name in ("arch.json", "model.onnx", "model.pt", "keep_probabilities.png", "trajectory.png", "report.json"):
@@ -123,7 +123,13 @@ def test_search_export_evaluate_resume_end_to_end(service: LiveService, tmp_path
     assert row["expected_ms"] > 0
     assert report["calibration"]["test-cpu"]["scale"] > 0
     assert report["search"]["steps_done"] == 30
-    assert 1 <= len(report["refinement"]) <= 2 and report["refinement"][0]["measured_ms"]["test-cpu"] > 0
+    assert report["refinement"] == []
+    selection = report["width_selection"]
+    assert 1 <= len(selection["measurements"]) <= 4 and selection["candidates"] > 10
+    assert all(
+        m["measured_ms"]["test-cpu"] > 0 and m["predicted_ms"]["test-cpu"] > 0 for m in selection["measurements"]
+    )
+    assert selection["plan"]["index"] in {m["index"] for m in selection["measurements"]}
     assert "measured ms" in result.output and "test-cpu" in result.output
 
     resumed = runner.invoke(app, [*base, "--steps", "40", "--finetune-steps", "0", "--resume"])
@@ -135,6 +141,8 @@ def test_search_export_evaluate_resume_end_to_end(service: LiveService, tmp_path
     result = runner.invoke(app, ["export", "--checkpoint", str(out / "checkpoint.pt"), "--out", str(exported)])
     assert result.exit_code == 0, result.output
     assert (exported / "model.onnx").stat().st_size > 1000
+    # The checkpoint records the measured width choice, so export rebuilds the network the search exported.
+    assert json.loads((exported / "arch.json").read_text()) == json.loads((out / "arch.json").read_text())
 
     result = runner.invoke(app, ["evaluate", "--arch", str(out / "arch.json"), "--weights", str(out / "model.pt")])
     assert result.exit_code == 0, result.output
@@ -171,6 +179,8 @@ def one_line_error(result: object) -> str:
         (["--device", "http://127.0.0.1:1", "--target-latency-ms", "1", "--target-latency-ms", "2"], "2 targets"),
         (["--device", "http://127.0.0.1:1", "--target-latency-ms", "1", "--space", "towers"], "towers"),
         (["--device", "http://127.0.0.1:1", "--target-latency-ms", "1", "--expectation", "mc"], "expectation"),
+        (["--device", "http://127.0.0.1:1", "--target-latency-ms", "1", "--threshold", "1.5"], "--threshold"),
+        (["--device", "http://127.0.0.1:1", "--target-latency-ms", "1", "--tolerance", "0"], "--tolerance"),
     ],
 )
 def test_search_bad_input_exits_2_with_one_line(args: list[str], needle: str, tmp_path: Path) -> None:

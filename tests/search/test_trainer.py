@@ -63,7 +63,11 @@ def test_latency_penalty_pulls_expected_latency_to_target(digits: DataBundle) ->
     space = make_space(digits)
     tables = flops_proportional_tables(space)
     target = 0.6 * full_latency(tables)
-    config = SearchConfig(steps=120, target_latency_ms={"cpu": target}, eval_every=40, log_every=10, strength=5.0)
+    # FLOPs-shaped tables span ~10x from narrowest to full; the default gate rate (0.2, chosen on measured tables
+    # that span ~1.4x) overshoots them to 0.5x target before recovering, so this loop test uses 0.05.
+    config = SearchConfig(
+        steps=120, target_latency_ms={"cpu": target}, eval_every=40, log_every=10, strength=5.0, gate_lr=0.05
+    )
     result = run_search(config, space, digits, {"cpu": tables}, progress=False)
     first, last = result.history[0], result.history[-1]
     assert first["latency_ms/cpu"] > target * 1.2
@@ -152,8 +156,9 @@ def test_lagrangian_multiplier_rises_while_over_target(digits: DataBundle) -> No
     tables = {"cpu": flops_proportional_tables(space)}
     config = SearchConfig(steps=30, penalty="lagrangian", target_latency_ms={"cpu": 0.01}, eval_every=10, log_every=10)
     result = run_search(config, space, digits, tables, progress=False)
-    penalties = [h["penalty/latency_ms/cpu"] for h in result.history]
-    assert penalties[-1] > penalties[0] > 0
+    # The term is λ·(latency / target − 1); the latency falls as λ rises, so recover λ itself from each record.
+    multipliers = [h["penalty/latency_ms/cpu"] / (h["latency_ms/cpu"] / 0.01 - 1) for h in result.history]
+    assert multipliers[-1] > multipliers[0] > 0
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,73 @@
+"""Refit the whole-model predictor from saved in-context networks and score it against saved measured truths.
+
+``bench_model_latency.py --networks N.json --rows R.json`` saves both; this script then tries a fitting change in
+about a minute instead of re-profiling (8 min) and re-measuring (9 min).  The truths stay fixed, so two variants
+are compared on the same measurements — on this shared machine a re-measured truth moves by a few percent.
+
+    python bench/refit_model_latency.py --networks n.json --rows r.json [--method random_forest]
+        [--inflation-scale 1.0] [--more-networks m.json ...]
+
+Not a substitute for the benchmark: a change tuned here against these truths must be confirmed on fresh models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from latency_service.backends.onnxruntime import OnnxRuntimeBackend
+from latency_service.kernel_fit import METHODS, fit_kernel_predictor
+from latency_service.kernel_profiling import ProfiledNetwork, block_size, fit_inflation, reconcile
+from latency_service.model_latency import predict_with
+
+
+def load_networks(paths: list[Path], inflation_scale: float) -> list[ProfiledNetwork]:
+    networks = [ProfiledNetwork.from_json(n) for p in paths for n in json.loads(p.read_text())["networks"]]
+    inflation = fit_inflation(networks) * inflation_scale
+    for network in networks:
+        network.reconciled_ms, network.wall_trusted = reconcile(
+            network.profiled_ms, network.wall_ms, network.overhead_ms, inflation
+        )
+    return networks
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--networks", type=Path, required=True)
+    parser.add_argument("--more-networks", type=Path, nargs="*", default=[])
+    parser.add_argument("--rows", type=Path, required=True, help="per-model rows written by bench_model_latency")
+    parser.add_argument("--method", choices=METHODS, default="random_forest")
+    parser.add_argument("--inflation-scale", type=float, default=1.0, help="multiply the fitted profiler inflation")
+    args = parser.parse_args()
+    for path in [args.networks, *args.more_networks, args.rows]:
+        if not path.exists():
+            parser.error(f"{path}: no such file")
+    networks = load_networks([args.networks, *args.more_networks], args.inflation_scale)
+    backend = OnnxRuntimeBackend()
+    samples = [s for n in networks for s in n.samples()]
+    overhead = float(np.median([n.overhead_ms for n in networks]))
+    predictor = fit_kernel_predictor(samples, overhead_ms=overhead, block_size=block_size(backend), method=args.method)
+    errors: dict[str, list[float]] = {}
+    for row in json.loads(args.rows.read_text()):
+        predicted = predict_with(predictor, backend, Path(row["path"]).read_bytes())["total_ms"]
+        errors.setdefault(row["family"], []).append(predicted / row["measured_ms"] - 1)
+    every = np.array([e for family in errors.values() for e in family])
+    print(
+        f"{args.method}, {len(networks)} networks, inflation x{args.inflation_scale}: "
+        f"within ±10 % {np.mean(np.abs(every) <= 0.10):.1%}, within ±5 % {np.mean(np.abs(every) <= 0.05):.1%}, "
+        f"RMSPE {np.sqrt(np.mean(every**2)):.1%}, mean {every.mean():+.1%}"
+    )
+    for family, values in sorted(errors.items()):
+        e = np.array(values)
+        print(f"  {family:18s} n={len(e):3d}  within ±10 % {np.mean(np.abs(e) <= 0.10):6.1%}  mean {e.mean():+.1%}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
