@@ -35,8 +35,6 @@ CALIBRATION_S = 0.4
 @dataclass
 class GatedSamples:
     samples_s: np.ndarray
-    # Share of the variant's timed chunks set aside because the reference ran slow.
-    slow_share: float
     # The reference's median over the kept chunks divided by its nominal time (1.0 when nothing was kept).
     reference_ratio: float
 
@@ -89,7 +87,8 @@ class ClockGate:
         kept: list[float] = []
         chunks: list[tuple[float, list[float]]] = []
         started = time.perf_counter()
-        runs = 0
+        runs = collected = 0
+        kept_s = 0.0
         before = self.check()
         while True:
             time_once()  # the reference has just run: this one pays for refilling the caches
@@ -98,19 +97,19 @@ class ClockGate:
             while time.perf_counter() - chunk_start < CHUNK_S or not chunk:
                 chunk.append(time_once())
             runs += len(chunk) + 1
+            collected += len(chunk)
             after = self.check()
             ratio = max(before, after)
             chunks.append((ratio, chunk))
             if ratio <= 1 + self.tolerance:
                 kept.extend(chunk)
+                kept_s += sum(chunk)
             before = after
             elapsed = time.perf_counter() - started
-            if len(kept) >= min_runs and sum(kept) >= min_time_s:
+            if len(kept) >= min_runs and kept_s >= min_time_s:
                 break
-            collected = sum(len(c) for _, c in chunks)
             if (elapsed >= max_time_s and collected >= min_samples) or runs >= max_runs:
                 break
-        slow = sum(1 for ratio, _ in chunks if ratio > 1 + self.tolerance)
         kept_ratios = [ratio for ratio, _ in chunks if ratio <= 1 + self.tolerance]
         if len(kept) < min_runs:
             for ratio, chunk in sorted(chunks, key=lambda item: item[0]):
@@ -119,7 +118,6 @@ class ClockGate:
                     kept_ratios.append(ratio)
         return GatedSamples(
             samples_s=np.asarray(kept, dtype=np.float64),
-            slow_share=slow / len(chunks),
             reference_ratio=float(np.median(kept_ratios)) if kept_ratios else 1.0,
         )
 

@@ -355,7 +355,6 @@ def run_in_context_profiling(
     networks: list[ProfiledNetwork] = []
     with lock if lock is not None else nullcontext():
         rules = detect_fusions(backend, config)
-    with lock if lock is not None else nullcontext():
         gate = measuring.gate()
     profile_kernels_in_context(
         backend,

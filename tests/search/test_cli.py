@@ -125,7 +125,9 @@ def test_search_export_evaluate_resume_end_to_end(service: LiveService, tmp_path
     assert report["search"]["steps_done"] == 30
     assert report["refinement"] == []
     selection = report["width_selection"]
-    assert 1 <= len(selection["measurements"]) <= 4 and selection["candidates"] > 10
+    measured = [m["index"] for m in selection["measurements"]]
+    assert measured and len(measured) <= 4, "--max-measurements 4 bounds the loop"
+    assert len(set(measured)) == len(measured) and selection["candidates"] > 10
     assert all(
         m["measured_ms"]["test-cpu"] > 0 and m["predicted_ms"]["test-cpu"] > 0 for m in selection["measurements"]
     )

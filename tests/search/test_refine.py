@@ -135,7 +135,8 @@ def test_select_width_lands_within_tolerance_of_a_flops_target() -> None:
     target = 0.5 * (narrow + wide)
     selection = select_width(knob, flops_ms, {"cpu": target}, tolerance=0.05, max_measurements=8)
     assert selection.within_tolerance and selection.reason == "within tolerance"
-    assert 1 <= len(selection.measurements) <= 8
+    measured = [m.index for m in selection.measurements]
+    assert len(measured) <= 8 and len(set(measured)) == len(measured), "no plan is measured twice"
     chosen = selection.measurements[-1]
     assert chosen.index == selection.plan.index and abs(chosen.ratio - 1) <= 0.05
     assert chosen.measured_ms["cpu"] == pytest.approx(flops_ms(knob.compact(selection.plan)[0])["cpu"])
