@@ -214,6 +214,7 @@ def search_once(
         "selection_measurements": len(selection.measurements) if selection else 0,
         "selection_within_tolerance": selection.within_tolerance if selection else None,
         "selected_scale": plan.scale,
+        "selected_operator_level": plan.operators,
         "measured_selected_ms": next(m.measured_ms["cpu"] for m in selection.measurements if m.index == plan.index)
         if selection
         else None,
@@ -362,8 +363,8 @@ def exact_vs_plugin_gap(space: SearchSpace, tables: list[torch.Tensor], draws: i
 def summarise(results: list[dict[str, Any]]) -> str:
     lines = [
         "| data | expectation | target ms | measured ms: searched widths | after width selection (measurements) "
-        "| error | within ±10 % | accuracy | uniform baseline acc. (width, ms) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| operator level | error | within ±10 % | accuracy | uniform baseline acc. (width, ms) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for result in results:
         for target in result["targets_ms"]:
@@ -372,11 +373,12 @@ def summarise(results: list[dict[str, Any]]) -> str:
                 runs = [r for r in result["runs"] if r["target_ms"] == target and r["expectation"] == expectation]
                 hits = sum(abs(r["error"]) <= 0.10 for r in runs)
                 counts = "/".join(str(r["selection_measurements"]) for r in runs)
+                levels = "/".join(f"{r.get('selected_operator_level', 0):+d}" for r in runs)
                 lines.append(
                     f"| {result['dataset']} | {expectation} | {target:.4f} | "
                     f"{np.mean([r['measured_before_refine_ms'] for r in runs]):.4f} "
                     f"({np.mean([r['error_before_refine'] for r in runs]):+.0%}) | "
-                    f"{np.mean([r['measured_ms'] for r in runs]):.4f} ({counts}) | "
+                    f"{np.mean([r['measured_ms'] for r in runs]):.4f} ({counts}) | {levels} | "
                     f"{np.mean([r['error'] for r in runs]):+.1%} | "
                     f"{hits}/{len(runs)} | {np.mean([r['accuracy'] for r in runs]):.3f} | "
                     f"{np.mean([b['accuracy'] for b in base]):.3f} (×{base[0]['multiplier']:.2f}, "

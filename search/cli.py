@@ -222,7 +222,9 @@ def search(
                 max_measurements=max_measurements,
             )
             plan = selection.plan
-            _record_in_checkpoint(out / CHECKPOINT_NAME, supernet, width_scale=plan.scale)
+            _record_in_checkpoint(
+                out / CHECKPOINT_NAME, supernet, width_scale=plan.scale, operator_level=plan.operators
+            )
     compact, arch = knob.compact(plan)
     knob.restore()
     if retrain:
@@ -348,8 +350,9 @@ def export_command(
         if not 0 < threshold < 1:
             raise ValueError(f"--threshold: must be in (0, 1), got {threshold}")
         knob = WidthKnob(supernet, multiple=meta.get("channel_multiple", 1), threshold=threshold)
-        # A search that measured its way to a width recorded the scale; older checkpoints mean the searched one.
-        compact, arch = knob.compact(knob.plan_at(meta.get("width_scale", 1.0)))
+        # A search that measured its way to a width recorded the scale and operator level; older checkpoints mean
+        # the searched network.
+        compact, arch = knob.compact(knob.plan_at(meta.get("width_scale", 1.0), meta.get("operator_level", 0)))
         out.mkdir(parents=True, exist_ok=True)
         write_architecture(arch, out / "arch.json")
         torch.save(compact.state_dict(), out / "model.pt")

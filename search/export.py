@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from search.costs import CostModel
 from search.data import DataBundle
-from search.gates import ChannelGate, GateConfig, GateGroup, OperatorGated
+from search.gates import ChannelGate, GateConfig, GateGroup, OperatorGate, OperatorGated
 from search.service_client import (
     DeviceService,
     dense_tables,
@@ -100,7 +100,7 @@ def channel_gates(source: object) -> list[ChannelGate]:
 
 
 @torch.no_grad()
-def force_alive(gate: ChannelGate, keep: torch.Tensor, threshold: float, margin: float = 0.05) -> None:
+def force_alive(gate: ChannelGate | OperatorGate, keep: torch.Tensor, threshold: float, margin: float = 0.05) -> None:
     """Move log-odds just across ``threshold`` so exactly ``keep`` is alive; the other log-odds stay where they are."""
     saved = gate.log_odds.clone()
     gate.log_odds.zero_()

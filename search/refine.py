@@ -2,16 +2,15 @@
 
 The tables the search optimised predict layers one at a time and miss whole models by tens of percent (fusion,
 layout, per-run overhead), so the search supplies a ranking (keep probabilities) and the device decides the width:
-:class:`WidthKnob` turns the ranking into a nested family of compact networks ordered by one scale, and
+:class:`~search.width_knob.WidthKnob` turns the ranking into a chain of compact networks ordered by size, and
 :func:`select_width` searches it with measurements.  :func:`refine_to_measured` (move the table target, search on)
 is the older, coarser knob, kept as an optional first stage.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -20,156 +19,13 @@ from rich.console import Console
 from torch import nn
 
 from search.data import DataBundle
-from search.export import (
-    DeviceLink,
-    LatencyCalibration,
-    WidthUnit,
-    aligned_count,
-    onnx_bytes,
-    width_units,
-)
-from search.gates import ChannelGate, GateConcat, GateGroup, OperatorGated
+from search.export import DeviceLink, onnx_bytes
 from search.service_client import ServiceError, ServiceUnavailableError
-from search.spaces.base import LatencyLayer, SearchSpace
+from search.spaces.base import SearchSpace
 from search.trainer import SearchConfig, run_search
+from search.width_knob import WidthKnob, WidthPlan, compact_searched
 
 Measure = Callable[[nn.Module], dict[str, float]]
-
-
-@dataclass(frozen=True)
-class WidthPlan:
-    """One member of the knob's family: live channels per width unit, and a scale that reproduces it."""
-
-    index: int
-    scale: float
-    counts: tuple[int, ...]
-
-
-class WidthKnob:
-    """A nested family of compact networks from a searched supernet, ordered by one width scale.
-
-    Unit ``u`` with ``live_u`` channels alive at ``threshold`` keeps ``aligned_count(scale · live_u)`` channels at a
-    given scale, so scale 1 is the aligned network the search chose, smaller scales drop its least likely channels
-    and larger ones add back the likeliest dead ones.  Whole-operator decisions stay as searched.  The ranking is
-    read once, at construction; :meth:`apply` rewrites log-odds and :meth:`restore` puts the searched ones back.
-    """
-
-    def __init__(self, space: SearchSpace, *, multiple: int = 8, threshold: float = 0.5) -> None:
-        if multiple < 1:
-            raise ValueError(f"multiple: must be at least 1, got {multiple}")
-        if not 0 < threshold < 1:
-            raise ValueError(f"threshold: must be in (0, 1), got {threshold}")
-        self.space = space
-        self.multiple = multiple
-        self.threshold = threshold
-        # Units that only feed switched-off operators would add plans that compact to the same network.
-        used = {id(g) for layer in space.latency_layers() for g in _live_gates(layer, threshold)}
-        units = width_units(space, threshold)
-        self.units: list[WidthUnit] = [u for u in units if u.live > 0 and any(id(g) in used for g in u.gates)]
-        self._saved = {id(g): g.log_odds.detach().clone() for u in self.units for g in u.gates}
-        self.plans = self._enumerate()
-
-    def counts_at(self, scale: float) -> tuple[int, ...]:
-        return tuple(aligned_count(scale * u.live, u.alive.numel(), self.multiple) for u in self.units)
-
-    def _enumerate(self) -> list[WidthPlan]:
-        # A unit's count steps up where scale · live crosses a half-multiple; between two such points every count
-        # is constant, so the midpoints label every distinct network (and are safe from float ties).
-        points: set[float] = set()
-        for unit in self.units:
-            step = 1 if unit.alive.numel() <= self.multiple else self.multiple
-            top = aligned_count(unit.alive.numel(), unit.alive.numel(), self.multiple)
-            points.update((k - 0.5) * step / unit.live for k in range(2, top // step + 1))
-        edges = sorted(points)
-        labels = [edges[0] / 2] if edges else [1.0]
-        labels += [(a + b) / 2 for a, b in itertools.pairwise(edges)]
-        labels += [edges[-1] * 1.01] if edges else []
-        plans: list[WidthPlan] = []
-        for scale in labels:
-            counts = self.counts_at(scale)
-            if not plans or counts != plans[-1].counts:
-                plans.append(WidthPlan(len(plans), scale, counts))
-        return plans
-
-    def plan_at(self, scale: float) -> WidthPlan:
-        counts = self.counts_at(scale)  # always in the family: the extreme scales clamp to its ends
-        return next(plan for plan in self.plans if plan.counts == counts)
-
-    @property
-    def searched(self) -> WidthPlan:
-        """The plan at scale 1: the aligned network the search itself chose."""
-        return self.plan_at(1.0)
-
-    def restore(self) -> None:
-        with torch.no_grad():
-            for unit in self.units:
-                for gate in unit.gates:
-                    gate.log_odds.copy_(self._saved[id(gate)])
-
-    def apply(self, plan: WidthPlan) -> None:
-        """Rewrite the log-odds so that compaction at ``threshold`` keeps exactly ``plan``'s channels."""
-        self.restore()
-        for unit, count in zip(self.units, plan.counts, strict=True):
-            unit.force(unit.keep(count), self.threshold)
-
-    def compact(self, plan: WidthPlan) -> tuple[nn.Module, dict[str, Any]]:
-        """The standalone network of ``plan`` (the plan stays applied to the supernet until :meth:`restore`)."""
-        self.apply(plan)
-        return self.space.compact(threshold=self.threshold)
-
-    def layer_counts(self, plan: WidthPlan) -> list[tuple[int, LatencyLayer, int, int]]:
-        """(index, layer, live inputs, live outputs) of every latency layer that runs under ``plan``."""
-        self.apply(plan)
-        rows = []
-        for i, layer in enumerate(self.space.latency_layers()):
-            if layer.operator_gate is None or layer.operator_gate.is_on(self.threshold):
-                cin, cout = (
-                    full if source is None else int(source.alive(self.threshold).sum())
-                    for full, source in ((layer.cin, layer.cin_source), (layer.cout, layer.cout_source))
-                )
-                rows.append((i, layer, cin, cout))
-        self.restore()
-        return rows
-
-    def table_ms(self, plan: WidthPlan, tables: Sequence[torch.Tensor]) -> float:
-        """The plan's latency as the per-layer tables predict it (the deterministic network, no expectation)."""
-        rows = self.layer_counts(plan)
-        return sum(float(tables[i][cin * lay.input_gated, cout * lay.output_gated]) for i, lay, cin, cout in rows)
-
-    def flops(self, plan: WidthPlan) -> float:
-        coefficients = [(lay.cost_coefficients(), cin, cout) for _, lay, cin, cout in self.layer_counts(plan)]
-        return sum(c[0] * cin * cout + c[1] * cout for c, cin, cout in coefficients)
-
-    def predictor(
-        self, tables: Mapping[str, Sequence[torch.Tensor]], calibrations: Mapping[str, LatencyCalibration] | None = None
-    ) -> Callable[[WidthPlan], dict[str, float]]:
-        """Per device, a plan's table latency mapped to measured ms by that device's calibration (if any)."""
-        maps = {d: (calibrations or {}).get(d, LatencyCalibration.identity()) for d in tables}
-        return lambda plan: {d: maps[d].to_measured(self.table_ms(plan, t)) for d, t in tables.items()}
-
-
-def compact_searched(space: SearchSpace, *, multiple: int = 8, threshold: float = 0.5) -> nn.Module:
-    """The aligned network the search chose, leaving the supernet's log-odds as they are."""
-    knob = WidthKnob(space, multiple=multiple, threshold=threshold)
-    network, _ = knob.compact(knob.searched)
-    knob.restore()
-    return network
-
-
-def _live_gates(layer: LatencyLayer, threshold: float) -> list[ChannelGate]:
-    if layer.operator_gate is not None and not layer.operator_gate.is_on(threshold):
-        return []
-    found: list[ChannelGate] = []
-    pending: list[object] = [layer.cin_source, layer.cout_source]
-    while pending:
-        source = pending.pop()
-        if isinstance(source, ChannelGate):
-            found.append(source)
-        elif isinstance(source, OperatorGated) and source.operator_gate.is_on(threshold):
-            pending.append(source.inner)
-        elif isinstance(source, GateGroup | GateConcat):
-            pending.extend(source.members if isinstance(source, GateGroup) else source.parts)
-    return found
 
 
 @dataclass

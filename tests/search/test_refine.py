@@ -21,6 +21,7 @@ from torch import nn
 from search.costs import CostModel
 from search.data import load_dataset
 from search.export import align_channel_counts, onnx_bytes
+from search.gates import OperatorGate
 from search.refine import WidthKnob, compact_searched, refine_to_measured, select_width
 from search.spaces.base import SearchSpace, create_space
 from search.trainer import SearchConfig
@@ -72,7 +73,7 @@ def test_plans_are_nested_aligned_and_include_the_searched_network() -> None:
     space = searched_space()
     before = {n: p.detach().clone() for n, p in space.named_parameters() if n.endswith("log_odds")}
     knob = WidthKnob(space, multiple=8)
-    plans = knob.plans
+    plans = [p for p in knob.plans if p.operators == 0]  # the searched operator set: one nested family
     assert len(plans) > 10
     for small, large in itertools.pairwise(plans):
         assert all(a <= b for a, b in zip(small.counts, large.counts, strict=True)) and small.counts != large.counts
@@ -93,6 +94,54 @@ def test_plans_are_nested_aligned_and_include_the_searched_network() -> None:
     assert conv_widths(searched_net) == conv_widths(aligned_net)
     flops = [network_flops(knob.compact(p)[0]) for p in plans[::5] + plans[-1:]]
     assert flops == sorted(flops) and flops[0] < flops[-1]
+
+
+def operators_on(space: SearchSpace) -> set[str]:
+    return {g.gate_name for g in space.gates() if isinstance(g, OperatorGate) and g.is_on()}
+
+
+def test_operator_levels_extend_the_chain_in_probability_order() -> None:
+    """Above the widest channels the chain revives switched-off operators, likeliest first; below the narrowest it
+    switches off the least likely live ones; the whole chain grows in FLOPs of the real compact networks."""
+    space = searched_space(2)
+    searched_on = operators_on(space)
+    knob = WidthKnob(space, multiple=8)
+    off = sorted(
+        (g for g in space.gates() if isinstance(g, OperatorGate) and not g.is_on()),
+        key=lambda g: -float(g.probability().detach()),
+    )
+    assert len(off) >= 2 and knob.revivable == off
+    levels = [p.operators for p in knob.plans]
+    assert levels == sorted(levels) and max(levels) >= 2 and min(levels) <= -1
+    assert [p.index for p in knob.plans] == list(range(len(knob.plans)))
+    flops = [network_flops(knob.compact(p)[0]) for p in knob.plans]
+    assert all(a <= b for a, b in itertools.pairwise(flops)), "the chain grows with its index"
+    widest_searched = max(f for f, p in zip(flops, knob.plans, strict=True) if p.operators == 0)
+    assert flops[-1] > 1.2 * widest_searched
+    for level in (1, 2):
+        plan = next(p for p in knob.plans if p.operators == level)
+        knob.apply(plan)
+        assert operators_on(space) == searched_on | {g.gate_name for g in off[:level]}
+    knob.restore()
+    assert operators_on(space) == searched_on
+    # A plan is reproducible from (scale, operators): what ``figs export`` rebuilds from a checkpoint.
+    again = WidthKnob(space, multiple=8)
+    for plan in knob.plans[:: max(1, len(knob.plans) // 12)]:
+        assert again.plan_at(plan.scale, plan.operators) == plan
+    with pytest.raises(ValueError, match="operators"):
+        again.plan_at(1.0, 99)
+
+
+def test_select_width_revives_operators_when_the_searched_set_is_too_fast() -> None:
+    knob = WidthKnob(searched_space(2), multiple=8)
+    top = max((p for p in knob.plans if p.operators == 0), key=lambda p: p.index)
+    target = 1.3 * flops_ms(knob.compact(top)[0])["cpu"]
+    knob.restore()
+    selection = select_width(knob, flops_ms, {"cpu": target}, tolerance=0.05, max_measurements=8)
+    assert selection.within_tolerance and selection.plan.operators > 0
+    without = WidthKnob(searched_space(2), multiple=8, operator_levels=False)
+    capped = select_width(without, flops_ms, {"cpu": target}, tolerance=0.05, max_measurements=8)
+    assert capped.reason == "the widest plan is under target" and not capped.within_tolerance
 
 
 def test_add_aggregator_ties_its_operators_into_one_unit() -> None:
