@@ -17,7 +17,7 @@ from rich.table import Table
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from latency_service import store
+from latency_service import job_store, store
 from latency_service.backends import BACKEND_PATHS, BackendUnavailable, backend_class
 from latency_service.config import Settings
 from latency_service.db import make_engine, make_session_factory, migrate, transaction
@@ -181,7 +181,7 @@ def profile(
             backend_version=measuring.backend.runtime_version,
             host=host_environment(),
         )
-        job_id = store.create_job(
+        job_id = job_store.create_job(
             session=session, device_id=device_id, ops=op_list, force=force, preset=preset, claimed_by=worker_id
         ).id
     job = run_job_inline(
@@ -192,7 +192,7 @@ def profile(
         measuring=measuring,
     )
     with transaction(session_factory) as session:
-        skipped = store.skipped_counts(session=session, job_ids=[job.id])[job.id]
+        skipped = job_store.skipped_counts(session=session, job_ids=[job.id])[job.id]
     console.print(
         f"job {job.id}: {job.status} — {job.done} done ({skipped} measured before), {job.failed} failed "
         f"of {job.total} on {device_id}"

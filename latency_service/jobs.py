@@ -22,7 +22,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from latency_service import store
+from latency_service import job_store, store
 from latency_service.backends import Backend, backend_class, create_backend
 from latency_service.clock_gate import ClockGate
 from latency_service.config import DEFAULT_MEASURE_LOCK_PATH, Settings
@@ -188,20 +188,20 @@ def run_job(
     cancelled.  A variant that fails is counted in ``failed`` and the job goes on.
     """
     with transaction(session_factory) as session:
-        job = store.get_job(session=session, job_id=job_id)
+        job = job_store.get_job(session=session, job_id=job_id)
         force = job.force
-        items = [(item.position, item.variant_key) for item in store.pending_items(session=session, job_id=job_id)]
+        items = [(item.position, item.variant_key) for item in job_store.pending_items(session=session, job_id=job_id)]
         spec_by_key = {key: store.variant_spec(session=session, variant_key=key) for key in {key for _, key in items}}
     environment = measuring.environment()
     for position, key in items:
         if should_stop():
             break
         with transaction(session_factory) as session:
-            if store.job_status(session=session, job_id=job_id) == "cancelled":
+            if job_store.job_status(session=session, job_id=job_id) == "cancelled":
                 break
             skip = not force and store.has_measurement(session=session, device_id=device_id, variant_key=key)
             if skip:
-                job = store.mark_item(session=session, job_id=job_id, position=position, status="skipped")
+                job = job_store.mark_item(session=session, job_id=job_id, position=position, status="skipped")
         if not skip:
             job = _measure_item(
                 job_id=job_id,
@@ -216,7 +216,7 @@ def run_job(
         if on_progress is not None:
             on_progress(job)
     with transaction(session_factory) as session:
-        job = store.get_job(session=session, job_id=job_id)
+        job = job_store.get_job(session=session, job_id=job_id)
         grid_finished = job.status == "running" and job.done + job.failed >= job.total
         in_context = grid_finished and job.preset == "standard" and measuring.backend.name == "onnxruntime"
     if in_context and not should_stop():
@@ -230,18 +230,18 @@ def run_job(
     elif in_context:
         return job
     with transaction(session_factory) as session:
-        job = store.get_job(session=session, job_id=job_id)
+        job = job_store.get_job(session=session, job_id=job_id)
         if job.status == "running" and job.done + job.failed >= job.total:
             if job.total and job.failed == job.total:
-                first_error = store.first_item_error(session=session, job_id=job_id)
-                job = store.finish_job(
+                first_error = job_store.first_item_error(session=session, job_id=job_id)
+                job = job_store.finish_job(
                     session=session,
                     job_id=job_id,
                     status="failed",
                     error=f"all {job.total} variants failed; first: {first_error}",
                 )
             else:
-                job = store.finish_job(session=session, job_id=job_id, status="done")
+                job = job_store.finish_job(session=session, job_id=job_id, status="done")
         return job
 
 
@@ -274,7 +274,7 @@ def _measure_item(
     except Exception as exc:  # any runtime error of one variant is that variant's failure, not the job's
         logger.warning("job %s: variant %s failed: %s", job_id, variant_key, exc)
         with transaction(session_factory) as session:
-            return store.mark_item(
+            return job_store.mark_item(
                 session=session, job_id=job_id, position=position, status="failed", error=f"{type(exc).__name__}: {exc}"
             )
     with transaction(session_factory) as session:
@@ -288,7 +288,7 @@ def _measure_item(
             started_at=started_at,
             measured_at=finished_at,
         )
-        return store.mark_item(session=session, job_id=job_id, position=position, status="done")
+        return job_store.mark_item(session=session, job_id=job_id, position=position, status="done")
 
 
 def _profile_in_context(*, device_id: str, session_factory: sessionmaker[Session], measuring: MeasuringSession) -> None:
@@ -308,7 +308,7 @@ def _profile_in_context(*, device_id: str, session_factory: sessionmaker[Session
 
 def _fail_job(session_factory: sessionmaker[Session], job_id: int, exc: Exception) -> None:
     with transaction(session_factory) as session:
-        store.finish_job(session=session, job_id=job_id, status="failed", error=f"{type(exc).__name__}: {exc}")
+        job_store.finish_job(session=session, job_id=job_id, status="failed", error=f"{type(exc).__name__}: {exc}")
 
 
 class JobWorker:
@@ -359,7 +359,7 @@ class JobWorker:
 
     def _run_next(self) -> bool:
         with transaction(self.session_factory) as session:
-            job = store.claim_next_job(
+            job = job_store.claim_next_job(
                 session=session, device_id=self.device_id, worker_id=self.worker_id, is_abandoned=job_abandoned
             )
             job_id = job.id if job is not None else None
@@ -376,7 +376,7 @@ class JobWorker:
             if job.status == "running":
                 # Stopped half-way (shutdown): hand the lease back so the next worker resumes without waiting.
                 with transaction(self.session_factory) as session:
-                    store.release_job(session=session, job_id=job_id)
+                    job_store.release_job(session=session, job_id=job_id)
         except Exception as exc:  # e.g. the backend cannot be created: the job fails with the reason
             logger.exception("job %s failed", job_id)
             _fail_job(self.session_factory, job_id, exc)
@@ -394,13 +394,13 @@ def run_job_inline(
 ) -> Job:
     """Run one job in this thread with a rich progress bar (the CLI's local ``profile``).
 
-    Create the job with ``store.create_job(claimed_by=worker_id)`` so that no service worker on the same store takes
+    Create the job with ``job_store.create_job(claimed_by=worker_id)`` so that no service worker on the same store takes
     it first; a queued job is claimed here.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     with transaction(session_factory) as session:
-        job = store.get_job(session=session, job_id=job_id)
+        job = job_store.get_job(session=session, job_id=job_id)
         if job.status == "queued":
             job.status, job.claimed_by = "running", worker_id or new_worker_id()
             job.started_at = job.heartbeat_at = utcnow()

@@ -13,8 +13,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from latency_service.backends import BackendUnavailable
+from latency_service.job_store import JobNotFoundError
 from latency_service.presets import UnknownPresetError
-from latency_service.store import JobNotFoundError
 from predictors.fitting import UnmodelledOpError
 from predictors.ops import OpSpec, OpSpecError, op_from_dict
 

@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from latency_service import store
+from latency_service import job_store, store
 from latency_service.backends import Backend
 from latency_service.config import Settings
 from latency_service.db import make_engine, make_session_factory, migrate, transaction
@@ -56,7 +56,7 @@ def factory(settings: Settings) -> Iterator[sessionmaker[Session]]:
 
 def make_job(factory: sessionmaker[Session], ops: list[OpSpec], force: bool = False) -> int:
     with transaction(factory) as session:
-        return store.create_job(session=session, device_id=DEVICE, ops=ops, force=force).id
+        return job_store.create_job(session=session, device_id=DEVICE, ops=ops, force=force).id
 
 
 def measurements(factory: sessionmaker[Session]) -> list[Measurement]:
@@ -134,7 +134,7 @@ def test_failed_variants_are_counted_and_the_job_goes_on(settings: Settings, fac
     )
     assert (job.status, job.done, job.failed) == ("done", 2, 1)
     with transaction(factory) as session:
-        assert "relu kernels are broken" in (store.first_item_error(session=session, job_id=job.id) or "")
+        assert "relu kernels are broken" in (job_store.first_item_error(session=session, job_id=job.id) or "")
     only_relu = run_job_inline(
         job_id=make_job(factory, [relu(3, 3)]),
         device_id=DEVICE,
@@ -150,7 +150,7 @@ def test_stopped_job_resumes_without_remeasuring(settings: Settings, factory: se
     job_id = make_job(factory, OPS)
     crashed = f"{socket.gethostname()}:999999999:dead"  # a runner process that no longer exists
     with transaction(factory) as session:
-        store.claim_next_job(session=session, device_id=DEVICE, worker_id=crashed, is_abandoned=job_abandoned)
+        job_store.claim_next_job(session=session, device_id=DEVICE, worker_id=crashed, is_abandoned=job_abandoned)
     stop_after_first = iter([False, True])
     job = run_job(
         job_id=job_id,
@@ -166,7 +166,7 @@ def test_stopped_job_resumes_without_remeasuring(settings: Settings, factory: se
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             with transaction(factory) as session:
-                if store.job_status(session=session, job_id=job_id) == "done":
+                if job_store.job_status(session=session, job_id=job_id) == "done":
                     break
             time.sleep(0.05)
     finally:
@@ -179,12 +179,12 @@ def test_cancel_stops_before_the_next_variant(settings: Settings, factory: sessi
     measuring = MeasuringSession(settings)
     job_id = make_job(factory, [Conv2d(cin=4, cout=c, hw=8) for c in range(1, 40)])
     with transaction(factory) as session:
-        store.claim_next_job(session=session, device_id=DEVICE, worker_id="test", is_abandoned=job_abandoned)
+        job_store.claim_next_job(session=session, device_id=DEVICE, worker_id="test", is_abandoned=job_abandoned)
 
     def cancel_after_two(job: object) -> None:
         if getattr(job, "done", 0) == 2:
             with transaction(factory) as session:
-                store.cancel_job(session=session, job_id=job_id)
+                job_store.cancel_job(session=session, job_id=job_id)
 
     job = run_job(
         job_id=job_id, device_id=DEVICE, session_factory=factory, measuring=measuring, on_progress=cancel_after_two
@@ -214,7 +214,7 @@ def test_job_fails_with_the_reason_when_the_backend_is_missing(fast_env: dict[st
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             with transaction(factory) as session:
-                job = store.job_progress(session=session, job_id=job_id)
+                job = job_store.job_progress(session=session, job_id=job_id)
             if job.status == "failed":
                 break
             time.sleep(0.05)
@@ -226,12 +226,12 @@ def test_job_fails_with_the_reason_when_the_backend_is_missing(fast_env: dict[st
 
 def test_job_abandoned_follows_the_runner_process(settings: Settings, factory: sessionmaker[Session]) -> None:
     with transaction(factory) as session:
-        mine = store.create_job(session=session, device_id=DEVICE, ops=OPS[:1], claimed_by=new_worker_id())
+        mine = job_store.create_job(session=session, device_id=DEVICE, ops=OPS[:1], claimed_by=new_worker_id())
         assert not job_abandoned(mine)  # this very process, alive, fresh heartbeat
         host, _, _ = mine.claimed_by.partition(":") if mine.claimed_by else ("", "", "")
-        dead = store.create_job(session=session, device_id=DEVICE, ops=OPS[:1], claimed_by=f"{host}:999999999:abcd")
+        dead = job_store.create_job(session=session, device_id=DEVICE, ops=OPS[:1], claimed_by=f"{host}:999999999:abcd")
         assert job_abandoned(dead)
-        remote = store.create_job(session=session, device_id=DEVICE, ops=OPS[:1], claimed_by="elsewhere:1:abcd")
+        remote = job_store.create_job(session=session, device_id=DEVICE, ops=OPS[:1], claimed_by="elsewhere:1:abcd")
         assert not job_abandoned(remote)
         assert job_abandoned(remote, lease_s=-1)  # a remote runner is judged by its heartbeat alone
 
@@ -271,7 +271,7 @@ def test_graceful_stop_hands_the_job_to_the_next_worker(settings: Settings, fact
 
     def progress() -> Job:
         with transaction(factory) as session:
-            return store.job_progress(session=session, job_id=job_id)
+            return job_store.job_progress(session=session, job_id=job_id)
 
     first = JobWorker(device_id=DEVICE, session_factory=factory, measuring=MeasuringSession(settings))
     first.start()
@@ -305,13 +305,13 @@ def test_standard_preset_job_profiles_kernels_in_context_after_its_grid(
             session=session, device_id=DEVICE, device_class="c", backend="onnxruntime", backend_version="x", host={}
         )
         # A short grid labelled `standard`: the in-context half must follow it whatever the grid's length.
-        standard = store.create_job(session=session, device_id=DEVICE, ops=OPS[:1], preset="standard").id
-        explicit = store.create_job(session=session, device_id=DEVICE, ops=OPS[1:2]).id
+        standard = job_store.create_job(session=session, device_id=DEVICE, ops=OPS[:1], preset="standard").id
+        explicit = job_store.create_job(session=session, device_id=DEVICE, ops=OPS[1:2]).id
     measuring = MeasuringSession(settings)
     fitted_after: dict[int, int] = {}
     for _ in range(2):
         with transaction(factory) as session:
-            claimed = store.claim_next_job(
+            claimed = job_store.claim_next_job(
                 session=session, device_id=DEVICE, worker_id="w", is_abandoned=lambda j: False
             )
             assert claimed is not None

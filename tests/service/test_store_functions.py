@@ -11,7 +11,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import func, inspect, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from latency_service import store
+from latency_service import job_store, store
 from latency_service.db import make_engine, make_session_factory, migrate, transaction
 from latency_service.measurement import MeasurementStats
 from latency_service.models import Base, Job, JobItem, Measurement, Variant
@@ -155,12 +155,12 @@ def test_training_samples_per_device_and_per_class(factory: sessionmaker[Session
 def test_create_job_dedupes_and_orders_items(factory: sessionmaker[Session]) -> None:
     ops = [Conv2d(cin=8, cout=8, hw=8), relu(8, 8), Conv2d(cin=8, cout=8, hw=8), Linear(cin=4, cout=4)]
     with transaction(factory) as session:
-        job = store.create_job(session=session, device_id="dev-a", ops=ops, preset=None)
+        job = job_store.create_job(session=session, device_id="dev-a", ops=ops, preset=None)
         job_id = job.id
     with transaction(factory) as session:
-        job = store.job_progress(session=session, job_id=job_id)
+        job = job_store.job_progress(session=session, job_id=job_id)
         assert (job.status, job.total, job.done, job.failed) == ("queued", 3, 0, 0)
-        items = store.pending_items(session=session, job_id=job_id)
+        items = job_store.pending_items(session=session, job_id=job_id)
         assert [item.variant_key for item in items] == [ops[0].key, ops[1].key, ops[3].key]
 
 
@@ -169,10 +169,10 @@ def test_create_job_is_all_or_nothing(factory: sessionmaker[Session]) -> None:
         return session.scalar(select(func.count()).select_from(model)) or 0
 
     with pytest.raises(ValueError), transaction(factory) as session:
-        store.create_job(session=session, device_id="dev-a", ops=[Conv2d(cin=8, cout=8, hw=8)])
+        job_store.create_job(session=session, device_id="dev-a", ops=[Conv2d(cin=8, cout=8, hw=8)])
         raise ValueError("the request failed after the job was written")
     with pytest.raises(Exception), transaction(factory) as session:  # noqa: B017 - any database error
-        store.create_job(session=session, device_id="no-such-device", ops=[relu(8, 8)])
+        job_store.create_job(session=session, device_id="no-such-device", ops=[relu(8, 8)])
     with transaction(factory) as session:
         assert count(session, Job) == 0
         assert count(session, JobItem) == 0
@@ -182,36 +182,38 @@ def test_create_job_is_all_or_nothing(factory: sessionmaker[Session]) -> None:
 def test_claim_mark_finish_and_resume_order(factory: sessionmaker[Session]) -> None:
     ops = [Conv2d(cin=8, cout=8, hw=8), relu(8, 8)]
     with transaction(factory) as session:
-        first = store.create_job(session=session, device_id="dev-a", ops=ops).id
-        second = store.create_job(session=session, device_id="dev-a", ops=ops).id
-        store.create_job(session=session, device_id="dev-b", ops=ops)
+        first = job_store.create_job(session=session, device_id="dev-a", ops=ops).id
+        second = job_store.create_job(session=session, device_id="dev-a", ops=ops).id
+        job_store.create_job(session=session, device_id="dev-b", ops=ops)
     with transaction(factory) as session:
-        job = store.claim_next_job(session=session, device_id="dev-a", worker_id="w1", is_abandoned=lambda job: False)
+        job = job_store.claim_next_job(
+            session=session, device_id="dev-a", worker_id="w1", is_abandoned=lambda job: False
+        )
         assert job is not None and job.id == first and job.status == "running" and job.claimed_by == "w1"
-        job = store.mark_item(session=session, job_id=first, position=0, status="done")
+        job = job_store.mark_item(session=session, job_id=first, position=0, status="done")
         assert (job.done, job.failed) == (1, 0)
         # Marking an item twice (a retried commit) does not count it twice.
-        job = store.mark_item(session=session, job_id=first, position=0, status="done")
+        job = job_store.mark_item(session=session, job_id=first, position=0, status="done")
         assert job.done == 1
         with pytest.raises(ValueError):
-            store.mark_item(session=session, job_id=first, position=1, status="pending")
+            job_store.mark_item(session=session, job_id=first, position=1, status="pending")
     with transaction(factory) as session:
         # After a crash the running job comes back first, with only its pending item left.
-        unfinished = store.unfinished_jobs(session=session, device_id="dev-a")
+        unfinished = job_store.unfinished_jobs(session=session, device_id="dev-a")
         assert [(j.id, j.status) for j in unfinished] == [(first, "running"), (second, "queued")]
-        assert [i.position for i in store.pending_items(session=session, job_id=first)] == [1]
-        job = store.mark_item(session=session, job_id=first, position=1, status="failed", error="boom")
+        assert [i.position for i in job_store.pending_items(session=session, job_id=first)] == [1]
+        job = job_store.mark_item(session=session, job_id=first, position=1, status="failed", error="boom")
         assert (job.done, job.failed) == (1, 1)
-        assert store.first_item_error(session=session, job_id=first) == "boom"
-        store.finish_job(session=session, job_id=first, status="done")
+        assert job_store.first_item_error(session=session, job_id=first) == "boom"
+        job_store.finish_job(session=session, job_id=first, status="done")
     with transaction(factory) as session:
-        assert store.job_status(session=session, job_id=first) == "done"
-        cancelled = store.cancel_job(session=session, job_id=second)
+        assert job_store.job_status(session=session, job_id=first) == "done"
+        cancelled = job_store.cancel_job(session=session, job_id=second)
         assert cancelled.status == "cancelled"
-        assert store.pending_items(session=session, job_id=second) == []
-        assert store.cancel_job(session=session, job_id=first).status == "done"
-        with pytest.raises(store.JobNotFoundError):
-            store.job_progress(session=session, job_id=987654)
+        assert job_store.pending_items(session=session, job_id=second) == []
+        assert job_store.cancel_job(session=session, job_id=first).status == "done"
+        with pytest.raises(job_store.JobNotFoundError):
+            job_store.job_progress(session=session, job_id=987654)
 
 
 def test_predictors_latest_per_class(factory: sessionmaker[Session]) -> None:
@@ -250,18 +252,20 @@ def test_model_measurements(factory: sessionmaker[Session]) -> None:
 
 def test_a_running_job_is_taken_over_only_when_its_runner_is_gone(factory: sessionmaker[Session]) -> None:
     with transaction(factory) as session:
-        live = store.create_job(session=session, device_id="dev-a", ops=[relu(4, 4)], claimed_by="cli").id
-        queued = store.create_job(session=session, device_id="dev-a", ops=[relu(4, 4)]).id
+        live = job_store.create_job(session=session, device_id="dev-a", ops=[relu(4, 4)], claimed_by="cli").id
+        queued = job_store.create_job(session=session, device_id="dev-a", ops=[relu(4, 4)]).id
     with transaction(factory) as session:
         # The CLI's job is running and its runner alive: the worker takes the queued one.
-        job = store.claim_next_job(session=session, device_id="dev-a", worker_id="w", is_abandoned=lambda job: False)
+        job = job_store.claim_next_job(
+            session=session, device_id="dev-a", worker_id="w", is_abandoned=lambda job: False
+        )
         assert job is not None and job.id == queued
     with transaction(factory) as session:
-        store.finish_job(session=session, job_id=queued, status="done")
+        job_store.finish_job(session=session, job_id=queued, status="done")
     with transaction(factory) as session:
         assert (
-            store.claim_next_job(session=session, device_id="dev-a", worker_id="w", is_abandoned=lambda j: False)
+            job_store.claim_next_job(session=session, device_id="dev-a", worker_id="w", is_abandoned=lambda j: False)
             is None
         )
-        job = store.claim_next_job(session=session, device_id="dev-a", worker_id="w", is_abandoned=lambda j: True)
+        job = job_store.claim_next_job(session=session, device_id="dev-a", worker_id="w", is_abandoned=lambda j: True)
         assert job is not None and job.id == live and job.claimed_by == "w"
