@@ -204,7 +204,7 @@ def profile(
 @app.command()
 def fit(db: DbOption = None, data_dir: DataDirOption = None, backend: BackendOption = None) -> None:
     """Fit predictors from this device class's measurements and store them."""
-    from latency_service.jobs import fit_device_class
+    from latency_service.device_fit import fit_device_class
 
     settings = load_settings(db_url=db, data_dir=data_dir, backend=backend)
     session_factory = _open_store(settings)

@@ -8,16 +8,13 @@ jobs left ``running`` or ``queued`` where they stopped.
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
-import json
 import logging
 import os
 import secrets
 import socket
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -25,56 +22,17 @@ from sqlalchemy.orm import Session, sessionmaker
 from latency_service import job_store, store
 from latency_service.backends import Backend, backend_class, create_backend
 from latency_service.clock_gate import ClockGate
-from latency_service.config import DEFAULT_MEASURE_LOCK_PATH, Settings
+from latency_service.config import Settings
 from latency_service.db import transaction
 from latency_service.environment import host_environment
 from latency_service.measurement import MeasurementConfig, measure_overhead, measure_sessions
-from latency_service.models import Job, Predictor, utcnow
+from latency_service.measurement_lock import MEASUREMENT_LOCK
+from latency_service.models import Job, utcnow
 from predictors.ops import op_from_dict
-
-try:
-    import fcntl
-except ImportError:  # Windows: the process-wide lock alone
-    fcntl = None  # type: ignore[assignment]
 
 logger = logging.getLogger(__name__)
 
 
-class MeasurementLock:
-    """Held around every timed region: a process-wide lock plus, where the OS has ``flock``, a host-wide lock file,
-    so that a local ``latency-service profile`` and a service on the same machine take turns as well."""
-
-    def __init__(self) -> None:
-        self._thread_lock = threading.Lock()
-        self._fd: int | None = None
-        self.path: Path | None = Path(DEFAULT_MEASURE_LOCK_PATH)
-
-    def configure(self, path: str | None) -> None:
-        self.path = Path(path) if path else None
-
-    def __enter__(self) -> MeasurementLock:
-        self._thread_lock.acquire()
-        if self.path is not None and fcntl is not None:
-            try:
-                fd = os.open(self.path, os.O_RDONLY | os.O_CREAT, 0o666)  # flock needs no write access
-            except OSError as exc:  # another user's lock file, a read-only /tmp: fall back to this process only
-                logger.warning("measurement lock file %s unusable (%s); locking this process only", self.path, exc)
-            else:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                self._fd = fd
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        try:
-            if self._fd is not None and fcntl is not None:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
-                os.close(self._fd)
-        finally:
-            self._fd = None
-            self._thread_lock.release()
-
-
-MEASUREMENT_LOCK = MeasurementLock()
 # A job whose runner has not reported for this long is taken over; items take seconds, so this is generous.
 JOB_LEASE_S = 120.0
 # Backend constructor keywords that settings can fill, by the name each backend gives them.
@@ -429,32 +387,3 @@ def run_job_inline(
         except Exception as exc:
             _fail_job(session_factory, job_id, exc)
             raise
-
-
-def _json_safe(value: Any) -> Any:
-    """numpy scalars and arrays in fit reports as plain JSON numbers and lists."""
-    return json.loads(json.dumps(value, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
-
-
-def fit_device_class(*, session: Session, device_id: str, device_class: str) -> Predictor:
-    """Fit predictors on the latest measurements of every device of ``device_class`` and store them (not committed).
-
-    Raises:
-        LookupError: when nothing has been measured on this device class yet.
-    """
-    from predictors.fitting import fit_predictors
-
-    samples = store.training_samples(session=session, device_class=device_class)
-    if not samples:
-        raise LookupError(f"nothing measured on device class {device_class} yet: run a profiling job first")
-    # Fitting keeps both cores busy for seconds to minutes: no timing may run meanwhile, so it takes the same lock.
-    with MEASUREMENT_LOCK:
-        predictor, reports = fit_predictors(samples)
-    return store.save_predictor(
-        session=session,
-        device_id=device_id,
-        device_class=device_class,
-        version=predictor.version,
-        payload=_json_safe(predictor.to_json()),
-        reports=[_json_safe(dataclasses.asdict(report)) for report in reports],
-    )

@@ -88,7 +88,8 @@ def register_model_commands(app: typer.Typer) -> None:
         from latency_service import store
         from latency_service.db import transaction
         from latency_service.environment import host_environment
-        from latency_service.jobs import MEASUREMENT_LOCK, MeasuringSession
+        from latency_service.jobs import MeasuringSession
+        from latency_service.measurement_lock import MEASUREMENT_LOCK
         from latency_service.model_latency import InvalidModelError, measure_model
 
         settings = load_settings(db_url=db, data_dir=data_dir, backend=backend, threads=threads)

@@ -16,7 +16,6 @@ from latency_service.backends import Backend
 from latency_service.config import Settings
 from latency_service.db import make_engine, make_session_factory, migrate, transaction
 from latency_service.jobs import (
-    MEASUREMENT_LOCK,
     JobWorker,
     MeasuringSession,
     configured_backend,
@@ -25,6 +24,7 @@ from latency_service.jobs import (
     run_job,
     run_job_inline,
 )
+from latency_service.measurement_lock import MEASUREMENT_LOCK
 from latency_service.models import Job, Measurement
 from predictors.ops import Conv2d, OpSpec, op_from_dict
 

@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from latency_service.api.deps import ServiceDep, ServiceState
 from latency_service.api.errors import ConflictError, FieldError
 from latency_service.db import transaction
-from latency_service.jobs import MEASUREMENT_LOCK
+from latency_service.measurement_lock import MEASUREMENT_LOCK
 from latency_service.model_latency import (
     InvalidModelError,
     NoKernelPredictorError,

@@ -6,7 +6,7 @@ from latency_service import store
 from latency_service.api.deps import ServiceDep, SessionDep
 from latency_service.api.errors import ConflictError
 from latency_service.api.schemas import FitReportPublic, FitResponse, PredictorPublic
-from latency_service.jobs import fit_device_class
+from latency_service.device_fit import fit_device_class
 
 router = APIRouter(tags=["predictors"])
 
