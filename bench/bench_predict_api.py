@@ -12,9 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,14 +20,10 @@ from pathlib import Path
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.local_service import local_service
 from predictors.ops import Conv2d, OpSpec, op_from_dict
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def profiling_grid() -> list[OpSpec]:
@@ -66,41 +60,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=50)
     args = parser.parse_args()
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryDirectory() as data_dir:
-        env = {
-            **os.environ,
+    with tempfile.TemporaryDirectory() as lock_dir:
+        # Short measurement settings and a private lock: the point here is the API, not the timings.
+        settings = {
             "FIGS_MIN_TIME_S": "0.05",
             "FIGS_MAX_TIME_S": "0.2",
-            "FIGS_MEASURE_LOCK_PATH": str(Path(data_dir) / "measure.lock"),
+            "FIGS_MEASURE_LOCK_PATH": str(Path(lock_dir) / "measure.lock"),
         }
-        server = subprocess.Popen(
-            [sys.executable, "-m", "latency_service", "serve", "--data-dir", data_dir, "--port", str(port)],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            with httpx.Client(base_url=url, timeout=600) as client:
-                for _ in range(300):
-                    try:
-                        if client.get("/v1/health").status_code == 200:
-                            break
-                    except httpx.HTTPError:
-                        time.sleep(0.1)
-                job = client.post("/v1/jobs", json={"ops": [op.to_dict() for op in profiling_grid()]}).json()
-                while client.get(f"/v1/jobs/{job['id']}").json()["status"] in ("queued", "running"):
-                    time.sleep(0.5)
-                client.post("/v1/predictors/fit").raise_for_status()
-                predict = timed(client, "/v1/predict", {"ops": request_ops(100)}, args.requests)
-                full = Conv2d(cin=64, cout=64, hw=14, k=1).to_dict()
-                counts = list(range(1, 65))
-                table_body = {"layers": [{"op": full, "cin_counts": counts, "cout_counts": counts}] * 10}
-                tables = timed(client, "/v1/tables", table_body, max(5, args.requests // 5))
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
+        with local_service(settings) as url, httpx.Client(base_url=url, timeout=600) as client:
+            job = client.post("/v1/jobs", json={"ops": [op.to_dict() for op in profiling_grid()]}).json()
+            while client.get(f"/v1/jobs/{job['id']}").json()["status"] in ("queued", "running"):
+                time.sleep(0.5)
+            client.post("/v1/predictors/fit").raise_for_status()
+            predict = timed(client, "/v1/predict", {"ops": request_ops(100)}, args.requests)
+            full = Conv2d(cin=64, cout=64, hw=14, k=1).to_dict()
+            counts = list(range(1, 65))
+            table_body = {"layers": [{"op": full, "cin_counts": counts, "cout_counts": counts}] * 10}
+            tables = timed(client, "/v1/tables", table_body, max(5, args.requests // 5))
     load = os.getloadavg()
     now = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     print(f"date {now}; load average {load[0]:.1f}; {os.cpu_count()} cpus")

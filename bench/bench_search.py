@@ -17,13 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,6 +30,9 @@ from typing import Any
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.local_service import local_service
 from predictors.ops import OpSpec
 from search.costs import CostModel
 from search.data import DataBundle, load_dataset
@@ -65,43 +64,6 @@ class Mode:
 
 QUICK = Mode(("digits",), (0,), 250, 120, (0.25, 0.5, 1.0), 40, 0, 80)
 FULL = Mode(("digits", "mnist5k"), (0, 1, 2), 600, 300, (0.125, 0.25, 0.5, 0.75, 1.0), 100, 0, 150)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextmanager
-def local_service() -> Iterator[str]:
-    """A real ``latency-service serve`` on a loopback port with a throwaway SQLite store."""
-    with tempfile.TemporaryDirectory(prefix="figs-bench-") as data_dir:
-        port = free_port()
-        log = open(Path(data_dir) / "service.log", "w")  # noqa: SIM115 - closed below, after the process
-        process = subprocess.Popen(
-            [sys.executable, "-m", "latency_service", "serve", "--port", str(port), "--data-dir", data_dir],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "FIGS_DEVICE_ID": "bench-cpu"},
-        )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            probe = DeviceService(url, retries=0)
-            deadline = time.monotonic() + 60
-            while not probe.health():
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"latency service did not start: {(Path(data_dir) / 'service.log').read_text()}")
-                time.sleep(0.3)
-            yield url
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-            log.close()
 
 
 @contextmanager
