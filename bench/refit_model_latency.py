@@ -5,7 +5,10 @@ about a minute instead of re-profiling (8 min) and re-measuring (9 min).  The tr
 are compared on the same measurements — on this shared machine a re-measured truth moves by a few percent.
 
     python bench/refit_model_latency.py --networks n.json --rows r.json [--method random_forest]
-        [--inflation-scale 1.0] [--more-networks m.json ...]
+        [--inflation-scale 1.0] [--more-networks m.json ...] [--cv]
+
+``--cv`` first prints the primary metric: grouped cross-validation over the generated networks themselves (each
+network's un-profiled wall predicted by a model fitted on the other folds), which needs no benchmark truths.
 
 Not a substitute for the benchmark: a change tuned here against these truths must be confirmed on fresh models.
 """
@@ -22,7 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from latency_service.backends.onnxruntime import OnnxRuntimeBackend
-from latency_service.kernel_fit import METHODS, fit_kernel_predictor
+from latency_service.kernel_fit import METHODS, fit_kernel_predictor, network_errors
 from latency_service.kernel_profiling import ProfiledNetwork, block_size, fit_inflation, reconcile
 from latency_service.model_latency import predict_with
 
@@ -37,18 +40,44 @@ def load_networks(paths: list[Path], inflation_scale: float) -> list[ProfiledNet
     return networks
 
 
+def print_network_cv(networks: list[ProfiledNetwork], method: str) -> None:
+    """Held-out generated networks against their own walls (a trusted network's truth is its wall), by wall size."""
+    trusted = [n for n in networks if n.wall_trusted]
+    errors = np.array(network_errors(trusted, method=method))
+    walls = np.array([n.wall_ms for n in trusted])
+    print(
+        f"grouped CV, {len(trusted)} trusted networks: within ±10 % {np.mean(np.abs(errors) <= 0.10):.1%}, "
+        f"within ±5 % {np.mean(np.abs(errors) <= 0.05):.1%}, RMSPE {np.sqrt(np.mean(errors**2)):.1%}, "
+        f"mean {errors.mean():+.1%}"
+    )
+    for low, high in [(0.0, 0.1), (0.1, 0.3), (0.3, 1.0), (1.0, 3.0), (3.0, np.inf)]:
+        band = errors[(walls >= low) & (walls < high)]
+        if band.size:
+            print(f"  wall {low:g}-{high:g} ms  n={band.size:3d}  within ±10 % {np.mean(np.abs(band) <= 0.10):6.1%}  "
+                  f"mean {band.mean():+.1%}")  # fmt: skip
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--networks", type=Path, required=True)
     parser.add_argument("--more-networks", type=Path, nargs="*", default=[])
     parser.add_argument("--rows", type=Path, required=True, help="per-model rows written by bench_model_latency")
     parser.add_argument("--method", choices=METHODS, default="random_forest")
-    parser.add_argument("--inflation-scale", type=float, default=1.0, help="multiply the fitted profiler inflation")
+    parser.add_argument(
+        "--inflation-scale",
+        type=float,
+        default=1.0,
+        help="multiply the fitted profiler inflation (it decides which walls are trusted; a trusted network's "
+        "own inflation comes from its wall)",
+    )
+    parser.add_argument("--cv", action="store_true", help="also score held-out generated networks (grouped CV)")
     args = parser.parse_args()
     for path in [args.networks, *args.more_networks, args.rows]:
         if not path.exists():
             parser.error(f"{path}: no such file")
     networks = load_networks([args.networks, *args.more_networks], args.inflation_scale)
+    if args.cv:
+        print_network_cv(networks, args.method)
     backend = OnnxRuntimeBackend()
     samples = [s for n in networks for s in n.samples()]
     overhead = float(np.median([n.overhead_ms for n in networks]))
