@@ -5,10 +5,16 @@ about a minute instead of re-profiling (8 min) and re-measuring (9 min).  The tr
 are compared on the same measurements — on this shared machine a re-measured truth moves by a few percent.
 
     python bench/refit_model_latency.py --networks n.json --rows r.json [--method random_forest]
-        [--inflation-scale 1.0] [--more-networks m.json ...] [--cv]
+        [--inflation-scale 1.0] [--more-networks m.json ...] [--cv] [--no-context] [--conv-taps all]
 
 ``--cv`` first prints the primary metric: grouped cross-validation over the generated networks themselves (each
 network's un-profiled wall predicted by a model fitted on the other folds), which needs no benchmark truths.
+
+``--no-context`` drops the network-footprint column; ``--conv-taps all`` counts every k×k tap of a conv in its FLOPs and
+bytes (the rule before padding-aware work) instead of only the taps inside the map.  Saved networks carry the features
+of the code that profiled them, so both rules are re-derived here from the stored shapes, for the saved networks and
+the benchmark models alike (padding k//2, which the generator and the benchmark families use); a networks file
+written by this code is read as it is.
 
 Not a substitute for the benchmark: a change tuned here against these truths must be confirmed on fresh models.
 """
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -26,12 +33,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from latency_service.backends.onnxruntime import OnnxRuntimeBackend
 from latency_service.kernel_fit import METHODS, fit_kernel_predictor, network_errors
-from latency_service.kernel_profiling import ProfiledNetwork, block_size, fit_inflation, reconcile
-from latency_service.model_latency import predict_with
+from latency_service.kernel_profiling import ProfiledNetwork, block_size, fit_inflation, optimise, reconcile
+from latency_service.model_latency import validate_model
+from predictors.kernel_shapes import static_shapes
+from predictors.kernels import Kernel, decompose, rederive_conv_work
 
 
-def load_networks(paths: list[Path], inflation_scale: float) -> list[ProfiledNetwork]:
+def benchmark_kernels(backend: OnnxRuntimeBackend, model_bytes: bytes, block: int) -> list[Kernel]:
+    original = validate_model(model_bytes)
+    return decompose(optimise(backend, model_bytes), block_size=block, known_shapes=static_shapes(original))
+
+
+def load_networks(paths: list[Path], inflation_scale: float, in_map_only: bool) -> list[ProfiledNetwork]:
     networks = [ProfiledNetwork.from_json(n) for p in paths for n in json.loads(p.read_text())["networks"]]
+    if not in_map_only:  # from_json already counts in-map taps only
+        for network in networks:
+            network.kernels = [rederive_conv_work(k, in_map_only=False) for k in network.kernels]
     inflation = fit_inflation(networks) * inflation_scale
     for network in networks:
         network.reconciled_ms, network.wall_trusted = reconcile(
@@ -40,10 +57,10 @@ def load_networks(paths: list[Path], inflation_scale: float) -> list[ProfiledNet
     return networks
 
 
-def print_network_cv(networks: list[ProfiledNetwork], method: str) -> None:
+def print_network_cv(networks: list[ProfiledNetwork], method: str, use_context: bool) -> None:
     """Held-out generated networks against their own walls (a trusted network's truth is its wall), by wall size."""
     trusted = [n for n in networks if n.wall_trusted]
-    errors = np.array(network_errors(trusted, method=method))
+    errors = np.array(network_errors(trusted, method=method, use_context=use_context))
     walls = np.array([n.wall_ms for n in trusted])
     print(
         f"grouped CV, {len(trusted)} trusted networks: within ±10 % {np.mean(np.abs(errors) <= 0.10):.1%}, "
@@ -71,20 +88,31 @@ def main() -> int:
         "own inflation comes from its wall)",
     )
     parser.add_argument("--cv", action="store_true", help="also score held-out generated networks (grouped CV)")
+    parser.add_argument("--no-context", action="store_true", help="fit without the network-footprint column")
+    parser.add_argument("--conv-taps", choices=("in_map", "all"), default="in_map", help="conv work: which taps count")
     args = parser.parse_args()
     for path in [args.networks, *args.more_networks, args.rows]:
         if not path.exists():
             parser.error(f"{path}: no such file")
-    networks = load_networks([args.networks, *args.more_networks], args.inflation_scale)
+    in_map_only = args.conv_taps == "in_map"
+    use_context = not args.no_context
+    networks = load_networks([args.networks, *args.more_networks], args.inflation_scale, in_map_only)
+    print(f"conv taps: {args.conv_taps}, network context: {'on' if use_context else 'off'}")
     if args.cv:
-        print_network_cv(networks, args.method)
+        print_network_cv(networks, args.method, use_context)
     backend = OnnxRuntimeBackend()
+    block = block_size(backend)
     samples = [s for n in networks for s in n.samples()]
     overhead = float(np.median([n.overhead_ms for n in networks]))
-    predictor = fit_kernel_predictor(samples, overhead_ms=overhead, block_size=block_size(backend), method=args.method)
+    predictor = fit_kernel_predictor(
+        samples, overhead_ms=overhead, block_size=block, method=args.method, use_context=use_context
+    )
     errors: dict[str, list[float]] = {}
     for row in json.loads(args.rows.read_text()):
-        predicted = predict_with(predictor, backend, Path(row["path"]).read_bytes())["total_ms"]
+        kernels = benchmark_kernels(backend, Path(row["path"]).read_bytes(), block)
+        if not in_map_only:
+            kernels = [rederive_conv_work(k, in_map_only=False) for k in kernels]
+        predicted = predictor.overhead_ms + math.fsum(ms for ms, _ in predictor.predict(kernels))
         errors.setdefault(row["family"], []).append(predicted / row["measured_ms"] - 1)
     every = np.array([e for family in errors.values() for e in family])
     print(

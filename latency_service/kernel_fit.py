@@ -12,11 +12,12 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from predictors.kernels import FEATURE_NAMES, Kernel
+from predictors.kernels import CONV, CONV_NCHW, DWCONV, FEATURE_NAMES, GEMM, Kernel, network_kernel_bytes
 from predictors.portable import export_model, load_model
 
 if TYPE_CHECKING:
@@ -25,8 +26,42 @@ if TYPE_CHECKING:
 METHODS: tuple[str, ...] = ("random_forest", "gradient_boosting", "roofline")
 DEFAULT_METHOD = "random_forest"
 MIN_CLASS_SAMPLES = 8
-PREDICTOR_FORMAT = 1
+# Format 2 adds the network-context column; a format-1 predictor (fitted without it) still loads and predicts as before.
+PREDICTOR_FORMAT = 2
+READABLE_FORMATS = (1, 2)
 MAX_COMPARE_NETWORKS = 300
+# Classes whose time depends on where their weights and activations live: a 6 MB Gemm streams at ~145 GB/s in a
+# small network (all of it in L3 between runs) and ~45 GB/s in a large one.  They get the network's footprint.
+CONTEXT_CLASSES = frozenset({CONV, DWCONV, CONV_NCHW, GEMM})
+# Used when the host does not say (no sysfs cache description): the L3 of the machine this was developed on.
+DEFAULT_L3_BYTES = 32 * 2**20
+_CACHE_SYSFS = Path("/sys/devices/system/cpu/cpu0/cache")
+
+
+def host_l3_bytes() -> float:
+    """The last-level (L3) cache size of this host from sysfs, or DEFAULT_L3_BYTES where it cannot be read."""
+    units = {"K": 2**10, "M": 2**20, "G": 2**30}
+    try:
+        for index in sorted(_CACHE_SYSFS.glob("index*")):
+            if (index / "level").read_text().strip() == "3":
+                size = (index / "size").read_text().strip()
+                return float(int(size.rstrip("KMG")) * units.get(size[-1:], 1))
+    except (OSError, ValueError):
+        pass
+    return float(DEFAULT_L3_BYTES)
+
+
+def network_context(network_bytes: float, cache_bytes: float) -> float:
+    """The context column: log2(1 + footprint), capped at the L3 size.
+
+    The cap matters: beyond L3 everything streams from DRAM alike, and the uncapped footprint let the trees split on
+    network sizes no generated network reached (ResNets at 64 px were predicted badly off).
+    """
+    return float(np.log2(1.0 + min(max(network_bytes, 0.0), cache_bytes)))
+
+
+def with_context(x: np.ndarray, context: float) -> np.ndarray:
+    return np.column_stack([x, np.full(len(x), context)])
 
 
 def work_column(kernel_class: str) -> int | None:
@@ -89,6 +124,9 @@ class KernelPredictor:
     fallback_ms_per_byte: float
     fallback_const_ms: float
     n_samples: dict[str, int] = field(default_factory=dict)
+    # The L3 size the context column was capped at when fitted (kept so that another host predicts the same); None:
+    # no context column (a format-1 predictor).
+    cache_bytes: float | None = None
 
     @property
     def version(self) -> str:
@@ -108,8 +146,11 @@ class KernelPredictor:
                 by_class.setdefault(kernel.kernel_class, []).append(i)
             else:
                 results[i] = (self.fallback_ms(kernel), "fallback")
+        context = None if self.cache_bytes is None else network_context(network_kernel_bytes(kernels), self.cache_bytes)
         for kernel_class, indices in by_class.items():
             x = np.array([kernels[i].features for i in indices], dtype=np.float64)
+            if context is not None and kernel_class in CONTEXT_CLASSES:
+                x = with_context(x, context)
             for i, ms in zip(indices, self.models[kernel_class].predict_ms(x), strict=True):
                 results[i] = (float(ms), f"regressor:{kernel_class}")
         return results
@@ -123,13 +164,15 @@ class KernelPredictor:
             "fallback_ms_per_byte": self.fallback_ms_per_byte,
             "fallback_const_ms": self.fallback_const_ms,
             "n_samples": self.n_samples,
+            "network_context": None if self.cache_bytes is None else {"cache_bytes": self.cache_bytes},
             "models": {name: model.to_json() for name, model in sorted(self.models.items())},
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> KernelPredictor:
-        if data.get("format") != PREDICTOR_FORMAT:
-            raise ValueError(f"format: this code reads kernel predictors of format {PREDICTOR_FORMAT}")
+        if data.get("format") not in READABLE_FORMATS:
+            raise ValueError(f"format: this code reads kernel predictors of formats {READABLE_FORMATS}")
+        context = data.get("network_context")
         return cls(
             models={name: ClassModel.from_json(m) for name, m in data["models"].items()},
             overhead_ms=float(data["overhead_ms"]),
@@ -138,6 +181,7 @@ class KernelPredictor:
             fallback_ms_per_byte=float(data["fallback_ms_per_byte"]),
             fallback_const_ms=float(data["fallback_const_ms"]),
             n_samples={k: int(v) for k, v in data.get("n_samples", {}).items()},
+            cache_bytes=float(context["cache_bytes"]) if context else None,
         )
 
 
@@ -219,8 +263,15 @@ def fit_kernel_predictor(
     block_size: int,
     method: str = DEFAULT_METHOD,
     seed: int = 0,
+    use_context: bool = True,
+    cache_bytes: float | None = None,
 ) -> KernelPredictor:
-    """One regressor per kernel class with at least MIN_CLASS_SAMPLES samples."""
+    """One regressor per kernel class with at least MIN_CLASS_SAMPLES samples.
+
+    ``use_context`` adds the network-footprint column to CONTEXT_CLASSES, capped at ``cache_bytes`` (default: this
+    host's L3, :func:`host_l3_bytes`).
+    """
+    cap = (cache_bytes if cache_bytes is not None else host_l3_bytes()) if use_context else None
     by_class: dict[str, list[KernelSample]] = {}
     for sample in samples:
         by_class.setdefault(sample.kernel_class, []).append(sample)
@@ -230,11 +281,13 @@ def fit_kernel_predictor(
         if len(rows) < MIN_CLASS_SAMPLES:
             continue
         x = np.array([r.features for r in rows], dtype=np.float64)
+        if cap is not None and kernel_class in CONTEXT_CLASSES:
+            x = np.column_stack([x, [network_context(r.network_bytes, cap) for r in rows]])
         y = np.maximum(np.array([r.latency_ms for r in rows], dtype=np.float64), 1e-5)
         models[kernel_class] = fit_class_model(x, y, kernel_class, method, seed)
         counts[kernel_class] = len(rows)
     per_byte, const = _fit_fallback(samples)
-    return KernelPredictor(models, overhead_ms, block_size, method, per_byte, const, counts)
+    return KernelPredictor(models, overhead_ms, block_size, method, per_byte, const, counts, cap)
 
 
 def _fit_fallback(samples: Sequence[KernelSample]) -> tuple[float, float]:
@@ -249,7 +302,12 @@ def _fit_fallback(samples: Sequence[KernelSample]) -> tuple[float, float]:
 
 
 def network_predictions(
-    networks: Sequence[ProfiledNetwork], *, method: str = DEFAULT_METHOD, folds: int = 3, seed: int = 0
+    networks: Sequence[ProfiledNetwork],
+    *,
+    method: str = DEFAULT_METHOD,
+    folds: int = 3,
+    seed: int = 0,
+    use_context: bool = True,
 ) -> np.ndarray:
     """Cross-validated whole-network predictions: each network predicted by a model that never saw it."""
     networks = list(networks)
@@ -260,7 +318,9 @@ def network_predictions(
     for fold in range(folds):
         train = [n for n, f in zip(networks, fold_of, strict=True) if f != fold]
         samples = [s for n in train for s in n.samples()]
-        predictor = fit_kernel_predictor(samples, overhead_ms=train[0].overhead_ms, block_size=16, method=method)
+        predictor = fit_kernel_predictor(
+            samples, overhead_ms=train[0].overhead_ms, block_size=16, method=method, use_context=use_context
+        )
         for i in np.flatnonzero(fold_of == fold):
             network = networks[i]
             kernel_ms = sum(ms for ms, _ in predictor.predict(network.kernels))
@@ -268,9 +328,11 @@ def network_predictions(
     return predicted
 
 
-def network_errors(networks: Sequence[ProfiledNetwork], *, method: str = DEFAULT_METHOD, seed: int = 0) -> list[float]:
+def network_errors(
+    networks: Sequence[ProfiledNetwork], *, method: str = DEFAULT_METHOD, seed: int = 0, use_context: bool = True
+) -> list[float]:
     """Relative error (predicted / measured − 1) of every network under grouped cross-validation."""
-    predicted = network_predictions(networks, method=method, seed=seed)
+    predicted = network_predictions(networks, method=method, seed=seed, use_context=use_context)
     return [float(p / n.truth_ms - 1.0) for p, n in zip(predicted, networks, strict=True)]
 
 

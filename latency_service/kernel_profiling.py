@@ -34,7 +34,7 @@ from latency_service.backends.base import Backend
 from latency_service.clock_gate import ClockGate
 from latency_service.kernel_generator import SamplingPrior, random_network
 from latency_service.measurement import MeasurementConfig, measure_overhead, measure_sessions
-from predictors.kernels import Kernel, decompose
+from predictors.kernels import Kernel, decompose, network_kernel_bytes, rederive_conv_work
 
 # Profiled runs per network after the warm-up; node medians over these are stable to ~1 µs (the profiler's unit).
 PROFILE_RUNS = 16
@@ -67,6 +67,7 @@ class KernelSample:
     latency_ms: float
     profiled_ms: float
     network_id: str
+    network_bytes: float  # Σ kernel bytes of the whole network: its cache footprint, a feature of the big kernels
 
 
 @dataclass
@@ -95,6 +96,7 @@ class ProfiledNetwork:
             "profiled_ms": self.profiled_ms,
             "wall_ms": self.wall_ms,
             "overhead_ms": self.overhead_ms,
+            "conv_taps": "in_map",
         }
 
     @classmethod
@@ -105,6 +107,8 @@ class ProfiledNetwork:
                       "output_shapes": tuple(tuple(s) for s in k["output_shapes"])})
             for k in data["kernels"]
         ]  # fmt: skip
+        if data.get("conv_taps") != "in_map":  # saved before padding-aware conv work: counted all k×k taps
+            kernels = [rederive_conv_work(k, in_map_only=True) for k in kernels]
         return cls(data["network_id"], data["description"], kernels, list(data["profiled_ms"]),
                    float(data["wall_ms"]), float(data["overhead_ms"]))  # fmt: skip
 
@@ -112,11 +116,10 @@ class ProfiledNetwork:
         """Kernel samples of a network whose profile and wall agree; a disturbed one teaches nothing and gives none."""
         if not self.wall_trusted:
             return []
-        return [
-            KernelSample(k.kernel_class, k.op_type, k.features, r, p, self.network_id)
+        footprint = network_kernel_bytes(self.kernels)
+        return [KernelSample(k.kernel_class, k.op_type, k.features, r, p, self.network_id, footprint)
             for k, p, r in zip(self.kernels, self.profiled_ms, self.reconciled_ms, strict=True)
-            if k.kernel_class is not None
-        ]
+            if k.kernel_class is not None]  # fmt: skip
 
 
 def block_size(backend: Backend) -> int:

@@ -37,7 +37,7 @@ from latency_service.kernel_profiling import (
 )
 from latency_service.measurement import MeasurementConfig, measure_sessions
 from predictors.kernel_shapes import KernelDecompositionError, static_shapes
-from predictors.kernels import decompose
+from predictors.kernels import decompose, kernel_bytes
 
 
 class InvalidModelError(ValueError):
@@ -274,10 +274,15 @@ def stored_kernel_samples(*, session: Session, device_id: str) -> tuple[list[Ker
         .join(ProfiledNetworkRow, ProfiledNetworkRow.id == KernelSampleRow.network_row_id)
         .where(KernelSampleRow.device_id == device_id)
     ).all()
+    # A network's footprint from its stored kernels: every kernel with a bytes feature has a class, so is stored.
+    footprints: dict[int, float] = {}
+    for r, _, _ in rows:
+        footprints[r.network_row_id] = footprints.get(r.network_row_id, 0.0) + kernel_bytes(r.kernel_class, r.features)
     samples = [
-        KernelSample(r.kernel_class, r.op_type, tuple(r.features), r.latency_ms, r.profiled_ms, network_id)
+        KernelSample(r.kernel_class, r.op_type, tuple(r.features), r.latency_ms, r.profiled_ms, network_id,
+                     footprints.get(r.network_row_id, 0.0))
         for r, network_id, _ in rows
-    ]
+    ]  # fmt: skip
     overheads = sorted(overhead for _, _, overhead in rows)
     return samples, (overheads[len(overheads) // 2] if overheads else 0.0)
 

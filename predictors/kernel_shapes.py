@@ -54,6 +54,36 @@ def _pooled(hw: int, k: int, stride: int, pad_total: int, dilation: int = 1, cei
     return (math.ceil(span / stride) if ceil_mode else span // stride) + 1
 
 
+def conv_tap_coverage(
+    size_in: int, size_out: int, k: int, stride: int, pad_begin: int, dilation: int = 1
+) -> tuple[float, int]:
+    """Along one spatial axis: (mean taps inside the input per output position, taps any output position uses).
+
+    Padding taps multiply zeros the runtime never loads: a 3x3 conv on a 1x1 map does one tap of work per output,
+    not nine, and reads only the centre tap of its weights (a 192->192 one is profiled at 5-6 us where nine taps'
+    FLOPs predicted 15.6 us).  The product over both axes of the first value is the conv's real taps per output.
+    """
+    if size_out <= 0 or k <= 0:
+        return 0.0, 0
+    origins = np.arange(size_out)[:, None] * stride - pad_begin
+    inside = (origins + np.arange(k)[None, :] * dilation >= 0) & (origins + np.arange(k)[None, :] * dilation < size_in)
+    return float(inside.sum(axis=1).mean()), int(inside.any(axis=0).sum())
+
+
+def conv_pads_begin(node: onnx.NodeProto, ins: Sequence[int], outs: Sequence[int], kernel: Sequence[int]) -> list[int]:
+    """Leading padding per spatial axis, also under ``auto_pad`` (where the runtime derives it from the shapes)."""
+    rank = len(kernel)
+    strides = _ints(node, "strides", [1] * rank)
+    dilations = _ints(node, "dilations", [1] * rank)
+    auto_pad = _text(node, "auto_pad")
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        totals = [max((outs[i] - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - ins[i], 0) for i in range(rank)]
+        return [t // 2 if auto_pad == "SAME_UPPER" else t - t // 2 for t in totals]
+    if auto_pad == "VALID":
+        return [0] * rank
+    return _ints(node, "pads", [0] * 2 * rank)[:rank]
+
+
 def _broadcast(shapes: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
     rank = max(len(s) for s in shapes)
     padded = [(1,) * (rank - len(s)) + tuple(s) for s in shapes]

@@ -12,7 +12,9 @@ Nothing here imports onnxruntime or torch: the service hands the optimised model
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import onnx
@@ -32,6 +34,8 @@ from predictors.kernel_shapes import (
     _numel,
     _ShapeTable,
     _text,
+    conv_pads_begin,
+    conv_tap_coverage,
 )
 
 NCHWC_DOMAIN = "com.microsoft.nchwc"
@@ -144,6 +148,17 @@ FEATURE_NAMES: dict[str, tuple[str, ...]] = {
 }
 
 
+def kernel_bytes(kernel_class: str | None, features: Sequence[float]) -> float:
+    """A kernel's ``bytes`` feature; 0 for a class without one (shape-only kernels alias, unmodelled are unknown)."""
+    names = FEATURE_NAMES.get(kernel_class or "", ())
+    return float(features[names.index("bytes")]) if "bytes" in names else 0.0
+
+
+def network_kernel_bytes(kernels: Sequence[Kernel]) -> float:
+    """Σ of the kernels' ``bytes`` features: the memory one run of the network streams through the caches."""
+    return sum(kernel_bytes(k.kernel_class, k.features) for k in kernels)
+
+
 @dataclass(frozen=True)
 class Kernel:
     """One node of the optimised graph: what the runtime runs as one unit."""
@@ -165,6 +180,33 @@ class Kernel:
     def feature_dict(self) -> dict[str, float]:
         names = FEATURE_NAMES.get(self.kernel_class or "", ())
         return dict(zip(names, self.features, strict=True))
+
+
+def rederive_conv_work(kernel: Kernel, in_map_only: bool) -> Kernel:
+    """A conv kernel's flops and bytes from its shapes, counting all k×k taps or only those inside the map.
+
+    For kernels saved without their padding (profiled networks stored before in-map taps were counted): padding
+    k//2, as the generator and the common CNN families use, when it reproduces the output size, else none.
+    """
+    if kernel.kernel_class not in (CONV, DWCONV, CONV_NCHW):
+        return kernel
+    x, w, *rest = kernel.input_shapes
+    y = kernel.output_shapes[0]
+    names = FEATURE_NAMES[kernel.kernel_class]
+    stride = int(kernel.features[names.index("stride")])
+    taps, share = 1.0, 1.0
+    for axis, k in enumerate(w[2:]):
+        size_in, size_out = x[2 + axis], y[2 + axis]
+        pad = k // 2 if (size_in + 2 * (k // 2) - k) // stride + 1 == size_out else 0
+        mean_taps, touched = conv_tap_coverage(size_in, size_out, k, stride, pad) if in_map_only else (k, k)
+        taps, share = taps * mean_taps, share * touched / k
+    weights = 4.0 * math.prod(w)
+    bias = 4.0 * math.prod(rest[0]) if rest and len(rest[0]) == 1 else 0.0
+    activations = 4.0 * sum(math.prod(s) for s in (*kernel.input_shapes, *kernel.output_shapes))
+    features = list(kernel.features)
+    features[names.index("flops")] = 2.0 * math.prod(y) * w[1] * taps
+    features[names.index("bytes")] = activations + weights + bias - 2.0 * weights * (1.0 - share)
+    return dataclasses.replace(kernel, features=tuple(features))
 
 
 def _classify(node: onnx.NodeProto, ins: list[tuple[int, ...]], outs: list[tuple[int, ...]]) -> str | None:
@@ -196,6 +238,26 @@ def _classify(node: onnx.NodeProto, ins: list[tuple[int, ...]], outs: list[tuple
     return None
 
 
+def in_map_taps(
+    node: onnx.NodeProto, x: tuple[int, ...], y: tuple[int, ...], w: tuple[int, ...]
+) -> tuple[float, float]:
+    """A conv's kernel taps that land inside its input: (mean per output position, share of the weights ever used).
+
+    Both are products over the spatial axes (the in-map count is separable), so a 3x3 conv with padding 1 does 1 tap
+    per output on a 1x1 map, 4 on 2x2 (using all 9 weight taps), and close to 9 on a large map.
+    """
+    kernel = list(w[2:])
+    pads = conv_pads_begin(node, x[2:], y[2:], kernel)
+    strides = _ints(node, "strides", [1] * len(kernel))
+    dilations = _ints(node, "dilations", [1] * len(kernel))
+    taps, share = 1.0, 1.0
+    for axis, k in enumerate(kernel):
+        mean_taps, touched = conv_tap_coverage(x[2 + axis], y[2 + axis], k, strides[axis], pads[axis], dilations[axis])
+        taps *= mean_taps
+        share *= touched / k
+    return taps, share
+
+
 def _features(kernel_class: str | None, node: onnx.NodeProto, ins: list, outs: list, weight_bytes: int) -> list[float]:
     op = node.op_type
     act_bytes = 4 * (sum(_numel(s) for s in ins) + sum(_numel(s) for s in outs))
@@ -207,7 +269,12 @@ def _features(kernel_class: str | None, node: onnx.NodeProto, ins: list, outs: l
         stride = _ints(node, "strides", [1, 1])[0]
         act = _ACTIVATION_CODES.get(_text(node, "activation"), 6)
         has_sum = float(len([i for i in node.input if i]) > 3)
-        flops = 2.0 * _numel(y) * w[1] * k * k
+        taps, weight_share = in_map_taps(node, x, y, w)
+        flops = 2.0 * _numel(y) * w[1] * taps
+        # The weight tensor is in total_bytes twice (a kernel input, and an initializer); neither copy of the taps
+        # that only ever meet padding is read.
+        copies = 2 if weight_bytes >= 4 * _numel(w) else 1
+        total_bytes -= copies * 4.0 * _numel(w) * (1.0 - weight_share)
         out_elems = float(_numel(y))
         if kernel_class == DWCONV:
             return [y[1], x[2], y[2], k, stride, act, has_sum, out_elems, flops, total_bytes]

@@ -142,3 +142,18 @@ def test_standard_hook_stores_samples_fusion_rules_and_predictor(client: TestCli
     rules = {(r.first_op, r.second_op): r for r in stored_rules}
     assert rules[("conv", "relu")].kernels_in_chain == 1
     assert stored.id == row.id and predictor.block_size == block_size(service.measuring.backend)
+
+
+def test_stored_samples_keep_their_network_footprint(client: TestClient, profiled) -> None:
+    from latency_service.model_latency import clear_kernel_samples, save_profiled_networks, stored_kernel_samples
+
+    service = client.app.state.service  # type: ignore[attr-defined]
+    expected = {n.network_id: n.samples()[0].network_bytes for n in profiled if n.samples()}
+    with service.session_factory() as session:
+        clear_kernel_samples(session=session, device_id=service.device_id)
+        save_profiled_networks(session=session, device_id=service.device_id, networks=profiled, environment={})
+        samples, _ = stored_kernel_samples(session=session, device_id=service.device_id)
+        session.rollback()
+    # Refitting from the store must see the footprint the fit saw (it is summed from the kernels, not stored).
+    assert {s.network_id: s.network_bytes for s in samples} == pytest.approx(expected)
+    assert min(expected.values()) > 0
