@@ -44,12 +44,8 @@ def register_model_commands(app: typer.Typer) -> None:
         from rich.table import Table
 
         from latency_service.jobs import configured_backend
-        from latency_service.model_latency import (
-            InvalidModelError,
-            NoKernelPredictorError,
-            latest_kernel_predictor,
-            predict_with,
-        )
+        from latency_service.kernel_store import NoKernelPredictorError, latest_kernel_predictor
+        from latency_service.model_latency import InvalidModelError, predict_with
 
         settings = load_settings(db_url=db, data_dir=data_dir, backend=backend)
         body = _read_model(model)

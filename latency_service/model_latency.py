@@ -15,29 +15,34 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import onnx
-from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from latency_service import store
 from latency_service.backends.base import Backend, Runnable
 from latency_service.clock_gate import ClockGate
 from latency_service.db import transaction
-from latency_service.fusion_rules import FusionRule, detect_fusions
+from latency_service.fusion_rules import detect_fusions
 from latency_service.kernel_fit import DEFAULT_METHOD, KernelPredictor, compare_methods, fit_kernel_predictor
 from latency_service.kernel_generator import SamplingPrior
-from latency_service.kernel_models import FusionRuleRow, KernelPredictorRow, KernelSampleRow, ProfiledNetworkRow
+from latency_service.kernel_models import KernelPredictorRow
 from latency_service.kernel_profiling import (
     STANDARD_BUDGET_S,
-    KernelSample,
     ProfiledNetwork,
     ProgressCallback,
     block_size,
     optimise,
     profile_kernels_in_context,
 )
+from latency_service.kernel_store import (
+    clear_kernel_samples,
+    latest_kernel_predictor,
+    save_fusion_rules,
+    save_kernel_predictor,
+    save_profiled_networks,
+)
 from latency_service.measurement import MeasurementConfig, measure_sessions
 from predictors.kernel_shapes import KernelDecompositionError, static_shapes
-from predictors.kernels import decompose, kernel_bytes
+from predictors.kernels import decompose
 
 
 class InvalidModelError(ValueError):
@@ -47,10 +52,6 @@ class InvalidModelError(ValueError):
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
-
-
-class NoKernelPredictorError(LookupError):
-    """No kernel predictor has been fitted for this device class yet (run the ``standard`` preset)."""
 
 
 def model_sha256(model_bytes: bytes) -> str:
@@ -124,20 +125,6 @@ def predict_with(predictor: KernelPredictor, backend: Backend, model_bytes: byte
     }
 
 
-def latest_kernel_predictor(*, session: Session, device_class: str) -> tuple[KernelPredictor, KernelPredictorRow]:
-    row = session.scalars(
-        select(KernelPredictorRow)
-        .where(KernelPredictorRow.device_class == device_class)
-        .order_by(KernelPredictorRow.id.desc())
-        .limit(1)
-    ).first()
-    if row is None:
-        raise NoKernelPredictorError(
-            f"no whole-model predictor for device class {device_class}: run the 'standard' preset first"
-        )
-    return KernelPredictor.from_json(row.payload), row
-
-
 def predict_model(
     model_bytes: bytes, *, session: Session, device: Any, settings: Any, backend: Backend | None = None
 ) -> dict[str, Any]:
@@ -196,116 +183,6 @@ def measure_model(
         "flagged": stats.flagged,
         "model_sha256": digest,
     }
-
-
-# ---- persistence of in-context samples and the fitted kernel predictor ---------------------------------------------
-def save_profiled_networks(
-    *, session: Session, device_id: str, networks: Sequence[ProfiledNetwork], environment: dict[str, Any]
-) -> int:
-    """Store networks and their reconciled kernel samples (caller commits); returns the number of samples."""
-    count = 0
-    for network in networks:
-        row = ProfiledNetworkRow(
-            device_id=device_id,
-            network_id=network.network_id,
-            description=network.description,
-            wall_ms=network.wall_ms,
-            overhead_ms=network.overhead_ms,
-            n_kernels=len(network.kernels),
-            environment=environment,
-        )
-        session.add(row)
-        session.flush()
-        for sample in network.samples():
-            session.add(
-                KernelSampleRow(
-                    network_row_id=row.id,
-                    device_id=device_id,
-                    kernel_class=sample.kernel_class,
-                    op_type=sample.op_type,
-                    features=list(sample.features),
-                    latency_ms=sample.latency_ms,
-                    profiled_ms=sample.profiled_ms,
-                )
-            )
-            count += 1
-    session.flush()
-    return count
-
-
-def save_fusion_rules(*, session: Session, device_id: str, rules: Sequence[FusionRule]) -> None:
-    for rule in rules:
-        session.add(
-            FusionRuleRow(
-                device_id=device_id,
-                first_op=rule.first,
-                second_op=rule.second,
-                fused=rule.fused,
-                first_ms=rule.first_ms,
-                second_ms=rule.second_ms,
-                chained_ms=rule.chained_ms,
-                kernels_in_chain=rule.kernels_in_chain,
-            )
-        )
-    session.flush()
-
-
-def latest_fusion_rules(*, session: Session, device_id: str) -> list[FusionRuleRow]:
-    """The newest measurement of every operator pair on this device."""
-    rows = session.scalars(
-        select(FusionRuleRow).where(FusionRuleRow.device_id == device_id).order_by(FusionRuleRow.id.desc())
-    ).all()
-    newest: dict[tuple[str, str], FusionRuleRow] = {}
-    for row in rows:
-        newest.setdefault((row.first_op, row.second_op), row)
-    return list(newest.values())
-
-
-def clear_kernel_samples(*, session: Session, device_id: str) -> None:
-    """Forget a device's in-context samples (a forced re-profile replaces them rather than mixing runs)."""
-    session.execute(delete(KernelSampleRow).where(KernelSampleRow.device_id == device_id))
-    session.execute(delete(ProfiledNetworkRow).where(ProfiledNetworkRow.device_id == device_id))
-
-
-def stored_kernel_samples(*, session: Session, device_id: str) -> tuple[list[KernelSample], float]:
-    """The device's stored samples and the median per-run constant of their networks."""
-    rows = session.execute(
-        select(KernelSampleRow, ProfiledNetworkRow.network_id, ProfiledNetworkRow.overhead_ms)
-        .join(ProfiledNetworkRow, ProfiledNetworkRow.id == KernelSampleRow.network_row_id)
-        .where(KernelSampleRow.device_id == device_id)
-    ).all()
-    # A network's footprint from its stored kernels: every kernel with a bytes feature has a class, so is stored.
-    footprints: dict[int, float] = {}
-    for r, _, _ in rows:
-        footprints[r.network_row_id] = footprints.get(r.network_row_id, 0.0) + kernel_bytes(r.kernel_class, r.features)
-    samples = [
-        KernelSample(r.kernel_class, r.op_type, tuple(r.features), r.latency_ms, r.profiled_ms, network_id,
-                     footprints.get(r.network_row_id, 0.0))
-        for r, network_id, _ in rows
-    ]  # fmt: skip
-    overheads = sorted(overhead for _, _, overhead in rows)
-    return samples, (overheads[len(overheads) // 2] if overheads else 0.0)
-
-
-def save_kernel_predictor(
-    *,
-    session: Session,
-    device_id: str,
-    device_class: str,
-    predictor: KernelPredictor,
-    report: dict[str, Any],
-) -> KernelPredictorRow:
-    row = KernelPredictorRow(
-        device_id=device_id,
-        device_class=device_class,
-        version=predictor.version,
-        method=predictor.method,
-        payload=predictor.to_json(),
-        report=report,
-    )
-    session.add(row)
-    session.flush()
-    return row
 
 
 def fit_and_store(
@@ -395,18 +272,11 @@ def predictor_summary(row: KernelPredictorRow) -> dict[str, Any]:
 
 __all__ = [
     "InvalidModelError",
-    "NoKernelPredictorError",
-    "clear_kernel_samples",
     "fit_and_store",
-    "latest_fusion_rules",
-    "latest_kernel_predictor",
     "measure_model",
     "model_sha256",
     "predict_model",
     "predict_with",
     "run_in_context_profiling",
-    "save_fusion_rules",
-    "save_profiled_networks",
-    "stored_kernel_samples",
     "validate_model",
 ]

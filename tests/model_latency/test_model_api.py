@@ -117,7 +117,8 @@ def test_standard_hook_stores_samples_fusion_rules_and_predictor(client: TestCli
 
     from latency_service.kernel_models import KernelSampleRow, ProfiledNetworkRow
     from latency_service.kernel_profiling import block_size
-    from latency_service.model_latency import latest_fusion_rules, latest_kernel_predictor, run_in_context_profiling
+    from latency_service.kernel_store import latest_fusion_rules, latest_kernel_predictor
+    from latency_service.model_latency import run_in_context_profiling
 
     service = client.app.state.service  # type: ignore[attr-defined]
     ticks: list[int] = []
@@ -145,7 +146,7 @@ def test_standard_hook_stores_samples_fusion_rules_and_predictor(client: TestCli
 
 
 def test_stored_samples_keep_their_network_footprint(client: TestClient, profiled) -> None:
-    from latency_service.model_latency import clear_kernel_samples, save_profiled_networks, stored_kernel_samples
+    from latency_service.kernel_store import clear_kernel_samples, save_profiled_networks, stored_kernel_samples
 
     service = client.app.state.service  # type: ignore[attr-defined]
     expected = {n.network_id: n.samples()[0].network_bytes for n in profiled if n.samples()}

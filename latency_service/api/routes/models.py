@@ -11,15 +11,9 @@ from starlette.concurrency import run_in_threadpool
 from latency_service.api.deps import ServiceDep, ServiceState
 from latency_service.api.errors import ConflictError, FieldError
 from latency_service.db import transaction
+from latency_service.kernel_store import NoKernelPredictorError, latest_kernel_predictor
 from latency_service.measurement_lock import MEASUREMENT_LOCK
-from latency_service.model_latency import (
-    InvalidModelError,
-    NoKernelPredictorError,
-    latest_kernel_predictor,
-    measure_model,
-    predict_with,
-    validate_model,
-)
+from latency_service.model_latency import InvalidModelError, measure_model, predict_with, validate_model
 
 router = APIRouter(tags=["models"])
 
