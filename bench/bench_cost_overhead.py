@@ -1,0 +1,63 @@
+"""The cost terms' share of a training step of the default search space, repeated to show its spread.
+
+``bench_search.py`` measures it once per data set (inside a 70-minute run); this repeats the same measurement
+(``step_overhead``: training steps with and without the exact expected latency, FLOPs and parameter terms,
+interleaved, median of each) ``--repeats`` times per data set.  The cost of the terms does not depend on the table
+values, only on their shapes, so the tables here are the space's own latency layers filled with random positive
+milliseconds: no service needed.
+
+    python bench/bench_cost_overhead.py [--repeats 5] [--steps 100] [--datasets digits,mnist5k]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.bench_search import step_overhead
+from search.data import load_dataset
+from search.spaces.base import create_space
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=100, help="steps of each kind per repeat")
+    parser.add_argument("--datasets", default="digits,mnist5k")
+    args = parser.parse_args()
+    if args.repeats < 1 or args.steps < 5:
+        parser.error("--repeats must be at least 1 and --steps at least 5")
+    torch.set_num_threads(1)  # as in bench_search.py: the search trains on one core
+    now, load = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), os.getloadavg()[0]
+    print(f"date {now}; load average {load:.1f}; torch {torch.__version__}")
+    print("| data | step ms without costs (median of repeats) | with costs | overhead per repeat | median overhead |")
+    print("|---|---|---|---|---|")
+    for name in args.datasets.split(","):
+        bundle = load_dataset(name)
+        space = create_space(
+            "blocks", in_channels=bundle.in_channels, num_classes=bundle.num_classes, image_size=bundle.image_size
+        )
+        generator = torch.Generator().manual_seed(0)
+        tables = [
+            torch.rand(layer.table_shape, generator=generator, dtype=torch.float64) * 0.05
+            for layer in space.latency_layers()
+        ]
+        runs = [step_overhead(bundle, tables, args.steps) for _ in range(args.repeats)]
+        overheads = [r["overhead"] for r in runs]
+        print(
+            f"| {name} | {statistics.median(r['step_ms_without_costs'] for r in runs):.1f} | "
+            f"{statistics.median(r['step_ms_with_costs'] for r in runs):.1f} | "
+            f"{', '.join(f'{o:+.1%}' for o in overheads)} | {statistics.median(overheads):+.1%} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
