@@ -241,7 +241,13 @@ class CostModel:
             latency: dict[str, Tensor] = {}
             if self.devices:
                 flat = pmfs.flatten()
-                weight = flat[self._flat_in] * flat[self._flat_out] * op_prob[self._entry_layer]
+                # index_select, not flat[index]: its backward is an index_add_, advanced indexing's a sorting
+                # index_put_ (30,153 entries on digits; 3.05 -> 2.93 ms for the cost terms, forward and backward).
+                weight = (
+                    flat.index_select(0, self._flat_in)
+                    * flat.index_select(0, self._flat_out)
+                    * op_prob.index_select(0, self._entry_layer)
+                )
                 totals = self._ragged @ weight
                 latency = {device: totals[d] for d, device in enumerate(self.devices)}
             return CostValues(params=params, flops=flops, latency_ms=latency)
