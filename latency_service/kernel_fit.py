@@ -60,8 +60,9 @@ def network_context(network_bytes: float, cache_bytes: float) -> float:
     return float(np.log2(1.0 + min(max(network_bytes, 0.0), cache_bytes)))
 
 
-def with_context(x: np.ndarray, context: float) -> np.ndarray:
-    return np.column_stack([x, np.full(len(x), context)])
+def with_context(x: np.ndarray, context: float | Sequence[float]) -> np.ndarray:
+    """``x`` with the context column appended: one value for every row, or one per row."""
+    return np.column_stack([x, np.broadcast_to(np.asarray(context, dtype=np.float64), (len(x),))])
 
 
 def work_column(kernel_class: str) -> int | None:
@@ -282,7 +283,7 @@ def fit_kernel_predictor(
             continue
         x = np.array([r.features for r in rows], dtype=np.float64)
         if cap is not None and kernel_class in CONTEXT_CLASSES:
-            x = np.column_stack([x, [network_context(r.network_bytes, cap) for r in rows]])
+            x = with_context(x, [network_context(r.network_bytes, cap) for r in rows])
         y = np.maximum(np.array([r.latency_ms for r in rows], dtype=np.float64), 1e-5)
         models[kernel_class] = fit_class_model(x, y, kernel_class, method, seed)
         counts[kernel_class] = len(rows)

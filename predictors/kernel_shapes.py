@@ -70,6 +70,26 @@ def conv_tap_coverage(
     return float(inside.sum(axis=1).mean()), int(inside.any(axis=0).sum())
 
 
+def conv_taps(
+    ins: Sequence[int],
+    outs: Sequence[int],
+    kernel: Sequence[int],
+    strides: Sequence[int],
+    pads_begin: Sequence[int],
+    dilations: Sequence[int],
+) -> tuple[float, float]:
+    """Over all spatial axes (the in-map count is separable): (mean taps inside the input per output position, share
+    of the weight taps any output position uses)."""
+    taps, share = 1.0, 1.0
+    for axis, k in enumerate(kernel):
+        mean_taps, touched = conv_tap_coverage(
+            ins[axis], outs[axis], k, strides[axis], pads_begin[axis], dilations[axis]
+        )
+        taps *= mean_taps
+        share *= touched / k
+    return taps, share
+
+
 def conv_pads_begin(node: onnx.NodeProto, ins: Sequence[int], outs: Sequence[int], kernel: Sequence[int]) -> list[int]:
     """Leading padding per spatial axis, also under ``auto_pad`` (where the runtime derives it from the shapes)."""
     rank = len(kernel)

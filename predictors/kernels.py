@@ -35,7 +35,7 @@ from predictors.kernel_shapes import (
     _ShapeTable,
     _text,
     conv_pads_begin,
-    conv_tap_coverage,
+    conv_taps,
 )
 
 NCHWC_DOMAIN = "com.microsoft.nchwc"
@@ -194,12 +194,14 @@ def rederive_conv_work(kernel: Kernel, in_map_only: bool) -> Kernel:
     y = kernel.output_shapes[0]
     names = FEATURE_NAMES[kernel.kernel_class]
     stride = int(kernel.features[names.index("stride")])
-    taps, share = 1.0, 1.0
-    for axis, k in enumerate(w[2:]):
-        size_in, size_out = x[2 + axis], y[2 + axis]
-        pad = k // 2 if (size_in + 2 * (k // 2) - k) // stride + 1 == size_out else 0
-        mean_taps, touched = conv_tap_coverage(size_in, size_out, k, stride, pad) if in_map_only else (k, k)
-        taps, share = taps * mean_taps, share * touched / k
+    kernel_size, ins, outs = list(w[2:]), x[2:], y[2:]
+    if in_map_only:
+        fits = zip(kernel_size, ins, outs, strict=True)
+        pads = [k // 2 if (i + 2 * (k // 2) - k) // stride + 1 == o else 0 for k, i, o in fits]
+        ones = [1] * len(kernel_size)
+        taps, share = conv_taps(ins, outs, kernel_size, [stride] * len(kernel_size), pads, ones)
+    else:
+        taps, share = float(math.prod(kernel_size)), 1.0
     weights = 4.0 * math.prod(w)
     bias = 4.0 * math.prod(rest[0]) if rest and len(rest[0]) == 1 else 0.0
     activations = 4.0 * sum(math.prod(s) for s in (*kernel.input_shapes, *kernel.output_shapes))
@@ -250,12 +252,7 @@ def in_map_taps(
     pads = conv_pads_begin(node, x[2:], y[2:], kernel)
     strides = _ints(node, "strides", [1] * len(kernel))
     dilations = _ints(node, "dilations", [1] * len(kernel))
-    taps, share = 1.0, 1.0
-    for axis, k in enumerate(kernel):
-        mean_taps, touched = conv_tap_coverage(x[2 + axis], y[2 + axis], k, strides[axis], pads[axis], dilations[axis])
-        taps *= mean_taps
-        share *= touched / k
-    return taps, share
+    return conv_taps(x[2:], y[2:], kernel, strides, pads, dilations)
 
 
 def _features(kernel_class: str | None, node: onnx.NodeProto, ins: list, outs: list, weight_bytes: int) -> list[float]:

@@ -109,10 +109,7 @@ class WidthKnob:
 
     def counts_at(self, scale: float, operators: int = 0) -> tuple[int, ...]:
         level = self._levels[operators]
-        return tuple(
-            aligned_count(scale * n, u.alive.numel(), self.multiple)
-            for u, n in zip(level.units, level.nominal, strict=True)
-        )
+        return _counts(level.units, level.nominal, scale, self.multiple)
 
     def _chain(self) -> list[WidthPlan]:
         # Counts grow along a level, so do FLOPs: each level's cut into the chain is found by bisection.
@@ -197,6 +194,10 @@ class WidthKnob:
         return lambda plan: {d: maps[d].to_measured(self.table_ms(plan, t)) for d, t in tables.items()}
 
 
+def _counts(units: list[WidthUnit], nominal: list[int], scale: float, multiple: int) -> tuple[int, ...]:
+    return tuple(aligned_count(scale * n, u.alive.numel(), multiple) for u, n in zip(units, nominal, strict=True))
+
+
 def _enumerate(units: list[WidthUnit], nominal: list[int], multiple: int, level: int) -> list[WidthPlan]:
     # A unit's count steps up where scale · nominal crosses a half-multiple; between two such points every count
     # is constant, so the midpoints label every distinct network (and are safe from float ties).
@@ -212,7 +213,7 @@ def _enumerate(units: list[WidthUnit], nominal: list[int], multiple: int, level:
     labels += [edges[-1] * 1.01] if edges else []
     plans: list[WidthPlan] = []
     for scale in labels:
-        counts = tuple(aligned_count(scale * n, u.alive.numel(), multiple) for u, n in zip(units, nominal, strict=True))
+        counts = _counts(units, nominal, scale, multiple)
         if not plans or counts != plans[-1].counts:
             plans.append(WidthPlan(-1, scale, counts, level))
     return plans
