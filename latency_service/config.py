@@ -33,6 +33,7 @@ MEASUREMENT_FIELDS = (
     "sessions",
     "contention_threshold",
     "realtime",
+    "clock_patience_s",
 )
 # One per host, not per store: two processes timing on one CPU corrupt each other whatever database they write to.
 DEFAULT_MEASURE_LOCK_PATH = str(Path(tempfile.gettempdir()) / "figs-measure.lock")
@@ -109,6 +110,8 @@ class Settings(BaseSettings):
     # Reference-kernel gate (latency_service.clock_gate): samples taken while the machine ran slow are set aside.
     clock_gate: bool = True
     clock_tolerance: float = Field(default=0.04, gt=0, lt=1)
+    # How long the gate waits for the fast state once enough samples of any state are in (None: the default).
+    clock_patience_s: float | None = Field(default=None, ge=0)
 
     measure_lock_path: str | None = Field(
         default=DEFAULT_MEASURE_LOCK_PATH,

@@ -45,12 +45,21 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from latency_service.environment import OtherLoadProbe
+from latency_service.measurement_stats import (
+    CLOCK_FLAG,
+    MeasurementStats,
+    block_spread,
+    combine_sessions,
+    noise_score,
+    robust_cv,
+    summarize,
+)
 
 if TYPE_CHECKING:
     from latency_service.backends.base import Backend, Runnable
@@ -58,8 +67,6 @@ if TYPE_CHECKING:
 
 # Below this many samples per block a block median is itself noise.
 MIN_SAMPLES_PER_BLOCK = 3
-# MAD -> standard deviation for normally distributed samples.
-_MAD_TO_STD = 1.4826
 
 
 @dataclass(frozen=True)
@@ -85,6 +92,10 @@ class MeasurementConfig:
     cv_threshold: float = 0.10
     spread_threshold: float = 0.03
     max_attempts: int = 3
+    # How long a clock gate waits for the host's fast state once enough samples of any state are in; after that
+    # the least slow chunks are kept and flagged.  On a shared host whose slow states last minutes, waiting out the
+    # whole ``max_time_s`` (and re-measuring) tripled the time of the ``standard`` grid without making it repeat.
+    clock_patience_s: float = 0.15
     # None turns the check off (a host without /proc/stat never has it).
     contention_threshold: float | None = 0.3
     realtime: bool = True
@@ -102,6 +113,7 @@ class MeasurementConfig:
             "cv_threshold",
             "spread_threshold",
             "contention_threshold",
+            "clock_patience_s",
         ):
             value = getattr(self, name)
             if value is None and name == "contention_threshold":
@@ -121,27 +133,6 @@ class MeasurementConfig:
     def min_samples(self) -> int:
         """The floor that even the time cap respects: enough samples for every block to have a median."""
         return min(self.min_runs, self.blocks * MIN_SAMPLES_PER_BLOCK)
-
-
-@dataclass(frozen=True)
-class MeasurementStats:
-    median_ms: float
-    p10_ms: float
-    p90_ms: float
-    mean_ms: float
-    cv: float
-    n: int
-    spread: float
-    attempts: int
-    flagged: bool
-    flag_reason: str | None
-    overhead_ms: float | None
-    sessions: int = 1
-    # (max - min) / median of the per-session medians; 0 for one session.
-    session_spread: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @contextmanager
@@ -197,6 +188,7 @@ def _collect_samples(
             max_time_s=config.max_time_s,
             max_runs=config.max_runs,
             min_samples=config.min_samples,
+            patience_s=config.clock_patience_s,
         )
         return gated.samples_s * 1e3, gated.reference_ratio
     samples: list[float] = []
@@ -212,76 +204,6 @@ def _collect_samples(
         if elapsed >= config.max_time_s and n >= config.min_samples:
             break
     return np.asarray(samples, dtype=np.float64) * 1e3, None
-
-
-def block_spread(samples_ms: np.ndarray, blocks: int) -> float:
-    """Relative range of the medians of ``blocks`` consecutive, equal-sized blocks of the samples."""
-    if blocks < 2 or len(samples_ms) < blocks:
-        return 0.0
-    medians = [float(np.median(block)) for block in np.array_split(samples_ms, blocks)]
-    centre = float(np.median(samples_ms))
-    return (max(medians) - min(medians)) / centre if centre > 0 else 0.0
-
-
-def robust_cv(samples_ms: np.ndarray) -> float:
-    median = float(np.median(samples_ms))
-    if median <= 0:
-        return 0.0
-    mad = float(np.median(np.abs(samples_ms - median)))
-    return _MAD_TO_STD * mad / median
-
-
-def summarize(
-    samples_ms: np.ndarray,
-    config: MeasurementConfig,
-    *,
-    attempts: int = 1,
-    overhead_ms: float | None = None,
-    other_load: float | None = None,
-    clock_ratio: float | None = None,
-    clock_tolerance: float = 0.04,
-) -> MeasurementStats:
-    """Statistics of one attempt's samples (milliseconds), with the noise flag that the thresholds imply.
-
-    ``other_load`` is the number of cores other processes kept busy meanwhile (None where it cannot be read);
-    ``clock_ratio`` is how slow a :class:`~latency_service.clock_gate.ClockGate`'s reference ran (None ungated).
-    """
-    p10, median, p90 = (float(v) for v in np.percentile(samples_ms, [10, 50, 90]))
-    cv = robust_cv(samples_ms)
-    spread = block_spread(samples_ms, config.blocks)
-    reasons = []
-    if cv > config.cv_threshold:
-        reasons.append(f"cv {cv:.3f} > {config.cv_threshold}")
-    if spread > config.spread_threshold:
-        reasons.append(f"spread {spread:.3f} > {config.spread_threshold}")
-    threshold = config.contention_threshold
-    if other_load is not None and threshold is not None and other_load > threshold:
-        reasons.append(f"contention: other processes kept {other_load:.2f} cores busy > {threshold}")
-    if clock_ratio is not None and clock_ratio > 1 + clock_tolerance:
-        reasons.append(f"clock: the reference kernel ran {clock_ratio:.2f}x its nominal time")
-    return MeasurementStats(
-        median_ms=median,
-        p10_ms=p10,
-        p90_ms=p90,
-        mean_ms=float(np.mean(samples_ms)),
-        cv=cv,
-        n=len(samples_ms),
-        spread=spread,
-        attempts=attempts,
-        flagged=bool(reasons),
-        flag_reason="; ".join(reasons) if reasons else None,
-        overhead_ms=overhead_ms,
-    )
-
-
-def _noise_score(stats: MeasurementStats, other_load: float | None, config: MeasurementConfig) -> float:
-    """How far past its thresholds an attempt is (<= 1 means within all of them)."""
-    parts = [
-        stats.cv / config.cv_threshold if config.cv_threshold > 0 else 0.0,
-        stats.spread / config.spread_threshold if config.spread_threshold > 0 else 0.0,
-        (other_load or 0.0) / config.contention_threshold if config.contention_threshold else 0.0,
-    ]
-    return max(parts)
 
 
 def measure(
@@ -308,8 +230,9 @@ def _measure_keeping_samples(
     probe = OtherLoadProbe()
     with _gc_paused():
         contended_in_a_row = 0
-        # Retrying into a load that persisted through two attempts only spends the time budget.
-        while attempts < config.max_attempts and (best is None or best.flagged) and contended_in_a_row < 2:
+        # Retrying into a load that persisted through two attempts only spends the time budget, and so does retrying
+        # into a slow clock state that the gate already waited out (such states last seconds to minutes here).
+        while attempts < config.max_attempts and _worth_another_attempt(best) and contended_in_a_row < 2:
             attempts += 1
             with _realtime(config.realtime and getattr(runnable, "threads", 1) == 1):
                 # The probe spans the warm-up too: a fast kernel's timed window alone (20 000 runs of 3 µs) is too
@@ -327,51 +250,25 @@ def _measure_keeping_samples(
                 clock_tolerance=gate.tolerance if gate is not None else 0.0,
             )
             contended_in_a_row = contended_in_a_row + 1 if "contention" in (stats.flag_reason or "") else 0
-            score = _noise_score(stats, other_load, config)
+            score = noise_score(stats, other_load, config)
             if score < best_score:
                 best, best_score, best_samples = stats, score, samples
     assert best is not None
     return _with_attempts(best, attempts), best_samples
 
 
+def _worth_another_attempt(best: MeasurementStats | None) -> bool:
+    if best is None:
+        return True
+    if not best.flagged or best.flag_reason is None:
+        return False
+    # With a clock flag the gate has already waited for the fast state, and a spread or CV flag next to it comes
+    # from the kept chunks mixing two slow states: the next attempt would meet the same states.
+    return not any(reason.startswith(CLOCK_FLAG) for reason in best.flag_reason.split("; "))
+
+
 def _with_attempts(stats: MeasurementStats, attempts: int) -> MeasurementStats:
     return MeasurementStats(**{**stats.to_dict(), "attempts": attempts})
-
-
-def combine_sessions(per_session: Sequence[MeasurementStats], samples_ms: Sequence[np.ndarray]) -> MeasurementStats:
-    """One variant's statistics from its sessions: the median of the session medians, percentiles of all samples.
-
-    Flagged when more than half of the sessions stayed noisy after their re-measurements: a minority of noisy
-    sessions cannot move the median of medians far.
-    """
-    if not per_session or len(per_session) != len(samples_ms):
-        raise ValueError("per_session: need one stats and one sample array per session")
-    if len(per_session) == 1:
-        return per_session[0]
-    medians = np.array([s.median_ms for s in per_session])
-    pooled = np.concatenate([np.asarray(a, dtype=np.float64) for a in samples_ms])
-    median = float(np.median(medians))
-    p10, p90 = (float(v) for v in np.percentile(pooled, [10, 90]))
-    noisy = [s for s in per_session if s.flagged]
-    flagged = 2 * len(noisy) > len(per_session)
-    reason = None
-    if flagged:
-        reason = f"{len(noisy)} of {len(per_session)} sessions noisy: {noisy[0].flag_reason}"
-    return MeasurementStats(
-        median_ms=median,
-        p10_ms=p10,
-        p90_ms=p90,
-        mean_ms=float(np.mean(pooled)),
-        cv=float(np.median([s.cv for s in per_session])),
-        n=int(pooled.size),
-        spread=float(np.median([s.spread for s in per_session])),
-        attempts=sum(s.attempts for s in per_session),
-        flagged=flagged,
-        flag_reason=reason,
-        overhead_ms=per_session[0].overhead_ms,
-        sessions=len(per_session),
-        session_spread=float((medians.max() - medians.min()) / median) if median > 0 else 0.0,
-    )
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,37 @@ def test_gate_flags_a_measurement_that_saw_only_the_slow_state() -> None:
     assert stats.n >= config.min_samples
 
 
+def test_a_slow_clock_state_is_not_re_measured() -> None:
+    # The state outlasts the window (as the host's slow states do): another attempt would only spend the time budget.
+    config = MeasurementConfig(
+        warmup_runs=1, warmup_s=0.0, min_runs=10, min_time_s=0.02, max_time_s=0.15, realtime=False, max_attempts=3
+    )
+    machine = Machine(period_s=60.0)
+    gate = ClockGate(SleepKernel(machine, 0.0002), tolerance=0.25, calibration_s=0.1)
+    machine.slow = True
+    stats = measure(SleepKernel(machine, 0.002), config, gate=gate)
+    assert stats.flagged and stats.flag_reason is not None and stats.flag_reason.startswith("clock:")
+    assert stats.attempts == 1
+
+
+def test_patience_ends_the_wait_for_a_fast_state_the_host_no_longer_visits() -> None:
+    machine = Machine(period_s=60.0)
+    gate = ClockGate(SleepKernel(machine, 0.0002), tolerance=0.25, calibration_s=0.1, fast_memory_s=1.0)
+    machine.slow = True
+    kernel = SleepKernel(machine, 0.001)
+    options = {"min_runs": 10, "min_time_s": 0.02, "max_time_s": 1.5, "max_runs": 100_000, "min_samples": 5}
+    # The fast state was seen during calibration: the gate waits for it until that memory (1 s) runs out.
+    started = time.perf_counter()
+    gate.collect(kernel.time_once, **options, patience_s=0.1)
+    recent_s = time.perf_counter() - started
+    # Now it has not been seen for over 1 s: the gate stops soon after its patience is spent.
+    started = time.perf_counter()
+    patient = gate.collect(kernel.time_once, **options, patience_s=0.1)
+    patient_s = time.perf_counter() - started
+    assert 0.9 <= recent_s < 1.5 and patient_s < 0.5
+    assert patient.samples_s.size >= 10 and patient.reference_ratio > 1.25
+
+
 def test_gate_on_a_real_onnxruntime_kernel() -> None:
     backend = OnnxRuntimeBackend()
     gate = ClockGate.for_backend(backend)
