@@ -1,19 +1,20 @@
-"""A vectorised evaluation plan for the count distributions of every latency layer of a space.
+"""A flat evaluation plan for the count distributions of every latency layer of a space.
 
 Walking the gate objects layer by layer costs thousands of small tensor operations per step (measured: ~5,900
 aten calls for the default blocks tower against ~2,900 for its whole training step), which broke the 5 % budget.
-The plan flattens the gate graph once, at construction, into index tensors; each step then runs a fixed, small
-number of batched operations whatever the number of layers:
+The plan flattens the gate graph once, at construction, into index tensors:
 
-1. all channel-gate log-odds → probabilities in one sigmoid; all operator gates likewise ("switches");
-2. every *atom* (a gate, or a group of tied gates, each member possibly behind a switch) → per-channel
-   probabilities 1 − ∏ₘ(1 − sₘ·pₘ) by one gather and one product;
-3. one batched Poisson-binomial pmf over all atoms;
-4. every *source* (an atom, an atom behind a switch, or a concatenation of those) → its count pmf as the mixture
-   s·pmf + (1 − s)·δ₀ per part and the convolution of its parts.
+1. all channel-gate log-odds in one vector, all operator gates in another ("switches", plus the constants 1 and 0
+   and the any-of groups);
+2. every *atom* (a gate, or a group of tied gates, each member possibly behind a switch) as a
+   ``[members, width]`` block of channel indices: its channel probabilities are 1 − ∏ₘ(1 − sₘ·pₘ);
+3. every *source* (an atom, an atom behind a switch, or a concatenation of those) as a run of *parts* (atom,
+   switch): its count pmf is the product of the parts' mixtures s·pmf + (1 − s)·δ₀.
 
-Source graphs the plan cannot express raise :class:`UnsupportedSource`; :class:`search.costs.CostModel` then falls
-back to the object-by-object evaluation, which gives the same values more slowly.
+:mod:`search.exact_costs` evaluates the exact expectations over this layout; the plug-in form uses
+:meth:`CountPlan.source_means`.  Source graphs the plan cannot express raise :class:`UnsupportedSource`;
+:class:`search.costs.CostModel` then falls back to the object-by-object evaluation, which gives the same values
+more slowly.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from search.expected import _polymul_pairs, poisson_binomial_pmf
 from search.gates import (
     HARD_CONCRETE_BETA,
     HARD_CONCRETE_GAMMA,
@@ -171,26 +171,6 @@ class CountPlan:
         self.part_atom = torch.tensor([a for _, a, _ in parts], dtype=torch.long)
         self.part_switch = torch.tensor([w for _, _, w in parts], dtype=torch.long)
         self.part_source = torch.tensor([s for s, _, _ in parts], dtype=torch.long)
-        # Sources grouped by their (power-of-two padded) number of parts; padding parts are δ₀ (index = len(parts)).
-        self.source_groups: list[tuple[Tensor, Tensor]] = []
-        by_width: dict[int, list[int]] = {}
-        start = 0
-        starts = []
-        for src in self._sources:
-            starts.append(start)
-            start += len(src)
-        for s, src in enumerate(self._sources):
-            by_width.setdefault(_next_power_of_two(len(src)), []).append(s)
-        order = []
-        for k, sources in sorted(by_width.items()):
-            index = torch.full((len(sources), k), len(parts), dtype=torch.long)
-            for row, s in enumerate(sources):
-                index[row, : len(self._sources[s])] = torch.arange(starts[s], starts[s] + len(self._sources[s]))
-            self.source_groups.append((torch.tensor(sources), index))
-            order.extend(sources)
-        self.source_order = (
-            torch.argsort(torch.tensor(order, dtype=torch.long)) if order else torch.zeros(0, dtype=torch.long)
-        )
         fixed = len(self._sources)
         self.in_index = torch.tensor([fixed if i < 0 else i for i in in_index], dtype=torch.long)
         self.out_index = torch.tensor([fixed if i < 0 else i for i in out_index], dtype=torch.long)
@@ -198,7 +178,27 @@ class CountPlan:
         self.fixed_out = torch.tensor([i < 0 for i in out_index])
         self.layer_switch = torch.tensor(layer_switch_ids, dtype=torch.long)
 
+    @property
+    def source_pointers(self) -> Tensor:
+        """Source s's parts are ``part_atom[pointers[s]:pointers[s + 1]]`` (parts are numbered source by source)."""
+        sizes = torch.tensor([len(src) for src in self._sources], dtype=torch.long)
+        return torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
+
+    @property
+    def n_sources(self) -> int:
+        """Distinct count sources (the cost kernels add one more pmf row: the fixed count)."""
+        return len(self._sources)
+
     # ---- per step ---------------------------------------------------------------------------------------------
+    def channel_logits(self) -> Tensor:
+        """Every channel gate's log-odds, concatenated in the plan's channel order."""
+        return torch.cat([g.log_odds for g in self.channel_gates])
+
+    def operator_logits(self) -> Tensor:
+        """Every operator gate's log-odds, in the plan's switch order (empty when there are none)."""
+        ops = self.operator_gates
+        return torch.cat([g.log_odds for g in ops]) if ops else torch.zeros(0)
+
     def switches(self) -> Tensor:
         """[operator gates..., 1, 0, any-of groups...] probabilities."""
         ops = self.operator_gates
@@ -218,27 +218,6 @@ class CountPlan:
         p = torch.cat([torch.where(self.forced_on, torch.ones_like(p), p), torch.zeros(1)])
         member = p[self.channel_index] * switches[self.member_switch].unsqueeze(-1)
         return 1 - (1 - member).prod(dim=1)
-
-    def source_pmfs(self, switches: Tensor, atom_probs: Tensor, length: int) -> Tensor:
-        """[sources + 1 (fixed), length]: count pmfs, the last row a point mass at index 0 (a fixed count)."""
-        atom_pmfs = poisson_binomial_pmf(atom_probs)
-        s = switches[self.part_switch].unsqueeze(1)
-        delta = torch.zeros(1, atom_pmfs.shape[1])
-        delta[0, 0] = 1
-        parts = torch.cat([s * atom_pmfs[self.part_atom] + (1 - s) * delta, delta])
-        groups = []
-        for _, index in self.source_groups:
-            polys = parts[index]
-            while polys.shape[1] > 1:
-                polys = _polymul_pairs(polys[:, 0::2], polys[:, 1::2])
-            pmf = polys[:, 0]
-            pmf = (
-                pmf[:, :length] if pmf.shape[1] >= length else torch.nn.functional.pad(pmf, (0, length - pmf.shape[1]))
-            )
-            groups.append(pmf)
-        fixed = torch.zeros(1, length)
-        fixed[0, 0] = 1
-        return torch.cat([torch.cat(groups)[self.source_order], fixed])
 
     def source_means(self, switches: Tensor, atom_probs: Tensor) -> Tensor:
         """[sources + 1]: expected counts (the last entry, for fixed counts, is unused)."""

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from search.cost_plan import CountPlan, UnsupportedSource
+from search.exact_costs import ExactCosts
 from search.expected import poisson_binomial_pmf
 from search.gates import AnyOf, ChannelGate, ChannelSource, GateConcat, GateGroup, OperatorGate, OperatorGated
 from search.penalties import (
@@ -32,6 +33,7 @@ from search.penalties import (
     total_penalty,
 )
 from search.spaces.base import LatencyLayer, SearchSpace
+from search.table_contraction import TableContraction
 
 Mode = Literal["exact", "plugin"]
 
@@ -161,14 +163,23 @@ class CostModel:
         except UnsupportedSource:
             self.plan = None
         if self.plan is not None:
-            # Flat positions of every table entry's (input, output) probabilities in the plan's source-pmf matrix.
             self._pmf_width = max(rows, cols)
-            entry_layers = self._entry_layer
-            self._flat_in = self.plan.in_index[entry_layers] * self._pmf_width + self._entry_in % rows
-            self._flat_out = self.plan.out_index[entry_layers] * self._pmf_width + self._entry_out % cols
-            self._coef_bilinear = torch.stack([self._flops_a, self._params_a])
-            self._coef_linear = torch.stack([self._flops_b, self._params_b])
-            self._pmf_counts = torch.arange(self._pmf_width, dtype=torch.float32)
+            shapes = self._shapes()
+            contraction = None
+            if self.devices:
+                contraction = TableContraction(
+                    [
+                        [self._tables[d, i, :r, :c].double().numpy() for i, (r, c) in enumerate(shapes)]
+                        for d in range(len(self.devices))
+                    ],
+                    self.plan.in_index.numpy(),
+                    self.plan.out_index.numpy(),
+                    self._pmf_width,
+                    self.plan.n_sources + 1,
+                )
+            self._exact = ExactCosts(
+                self.plan, contraction, coefficients, self._full_cin, self._full_cout, self._pmf_width
+            )
 
     @classmethod
     def from_space(
@@ -228,29 +239,14 @@ class CostModel:
         if self.plan is None:
             return self._evaluate_generic()
         plan = self.plan
+        if self.mode == "exact":
+            # One autograd node with a written-out backward (search/exact_costs.py): ~0.5 ms a step on digits.
+            out = self._exact(plan.channel_logits(), plan.operator_logits())
+            latency = {device: out[d] for d, device in enumerate(self.devices)}
+            return CostValues(params=out[-1], flops=out[-2], latency_ms=latency)
         switches = plan.switches()
         atom_probs = plan.atom_probabilities(switches)
         op_prob = switches[plan.layer_switch]
-        if self.mode == "exact":
-            # Every operation here is batched over all layers and devices: a fixed ~20 tensor operations a step.
-            pmfs = plan.source_pmfs(switches, atom_probs, self._pmf_width)
-            means = pmfs @ self._pmf_counts
-            count_in = torch.where(plan.fixed_in, self._full_cin, means[plan.in_index])
-            count_out = torch.where(plan.fixed_out, self._full_cout, means[plan.out_index])
-            flops, params = (self._coef_bilinear * (count_in * count_out) + self._coef_linear * count_out) @ op_prob
-            latency: dict[str, Tensor] = {}
-            if self.devices:
-                flat = pmfs.flatten()
-                # index_select, not flat[index]: its backward is an index_add_, advanced indexing's a sorting
-                # index_put_ (30,153 entries on digits; 3.05 -> 2.93 ms for the cost terms, forward and backward).
-                weight = (
-                    flat.index_select(0, self._flat_in)
-                    * flat.index_select(0, self._flat_out)
-                    * op_prob.index_select(0, self._entry_layer)
-                )
-                totals = self._ragged @ weight
-                latency = {device: totals[d] for d, device in enumerate(self.devices)}
-            return CostValues(params=params, flops=flops, latency_ms=latency)
         means = plan.source_means(switches, atom_probs)
         count_in = torch.where(plan.fixed_in, self._full_cin, means[plan.in_index])
         count_out = torch.where(plan.fixed_out, self._full_cout, means[plan.out_index])

@@ -3,8 +3,10 @@
 With independent gates, the number of live channels of a layer is Poisson-binomial.  Its pmf is the coefficient
 list of ∏ᵢ (1 − pᵢ + pᵢ z); we multiply the factors pairwise in log₂ n rounds (one batched polynomial product per
 round), so the whole pmf costs O(n²) arithmetic but only O(log n) tensor operations, and every intermediate is a
-sum of non-negative products (no cancellation, unlike an FFT).  The expected latency of a layer is then
-Σₐ Σ_b P(C_in = a) P(C_out = b) T[a, b].
+sum of non-negative products (no cancellation, unlike an FFT).  :func:`polynomial_product` does those rounds for
+any factors.  The expected latency of a layer is then Σₐ Σ_b P(C_in = a) P(C_out = b) T[a, b].  These are the
+reference implementations (autograd, any shape); the training step uses the compiled kernels of
+:mod:`search.exact_costs`, which the tests hold to these.
 
 Latency is a staircase in the channel count on real runtimes (a 1×1 conv 64→c at 28 px: 28 µs for c ≤ 16,
 ~35 µs for 20–32, 45–62 µs for 36–48 on this CPU), so T(E[C]) — the plug-in form FLOPs-style regularisers use —
@@ -14,48 +16,101 @@ is biased near every step; :func:`plugin_table_value` is kept to show and measur
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
-# Above this size the dense degree map's matmul costs more than the pad-and-skew copies (measured, 1 thread).
-_DENSE_MAP_MAX_DEGREE = 17
-_DEGREE_MAPS: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
+_NEGLIGIBLE = 1e-100
 
 
-def _degree_map(d: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """0/1 matrix ``[d², 2d − 1]`` that sums the entries (i, j) of an outer product into degree i + j (cached)."""
-    key = (d, dtype, device)
-    if key not in _DEGREE_MAPS:
-        i, j = torch.meshgrid(torch.arange(d), torch.arange(d), indexing="ij")
-        degree_map = torch.zeros(d * d, 2 * d - 1, dtype=dtype, device=device)
-        degree_map[torch.arange(d * d), (i + j).flatten()] = 1
-        _DEGREE_MAPS[key] = degree_map
-    return _DEGREE_MAPS[key]
+def _multiply_pairs(polys: Tensor) -> Tensor:
+    """Products of neighbouring polynomials: ``[B, m, d]`` (m even, coefficients lowest first) → ``[B, m/2, 2d − 1]``.
+
+    A convolution as one product: the windows of the zero-padded right factor are a strided view (no copy), and
+    the flipped left factor weighs each window.
+    """
+    d = polys.shape[-1]
+    left, right = polys[:, 0::2], polys[:, 1::2]
+    # windows[k, i] = right[k + i − (d − 1)], so Σᵢ left[d − 1 − i]·windows[k, i] = Σ_{i+j=k} left[i]·right[j].
+    windows = torch.nn.functional.pad(right, (d - 1, d - 1)).unfold(-1, d, 1)
+    # Broadcast multiply and sum rather than bmm: bmm over hundreds of 3×2 matrices loops over the batch.
+    return (windows * left.flip(-1).unsqueeze(-2)).sum(-1)
 
 
-def _polymul_pairs(a: Tensor, b: Tensor) -> Tensor:
-    """Products of polynomial pairs: ``a, b [..., d]`` (coefficients, lowest first) → ``[..., 2d − 1]``."""
-    d = a.shape[-1]
-    outer = a.unsqueeze(-1) * b.unsqueeze(-2)  # entry (i, j) contributes to degree i + j
-    if d <= _DENSE_MAP_MAX_DEGREE:
-        return outer.flatten(-2) @ _degree_map(d, a.dtype, a.device)
-    # Reading right-padded rows with a stride of 2d − 1 shifts row i right by i, aligning equal degrees in columns.
-    flat = torch.nn.functional.pad(outer, (0, d)).flatten(-2)[..., : d * (2 * d - 1)]
-    return flat.unflatten(-1, (d, 2 * d - 1)).sum(-2)
+def _product_tree(polys: Tensor) -> list[Tensor]:
+    """The rounds of multiplying ``polys [B, K, d]`` (K a power of two) pairwise, leaves first; the last level is
+    ``[B, 1, K·(d − 1) + 1]``, the product.  No autograd: :func:`_product_tree_backward` is its gradient."""
+    levels = [polys]
+    while levels[-1].shape[1] > 1:
+        # Coefficients below 1e-100 become 0: a pmf's far tail (all 96 channels off at p = 0.9999 is 1e-384)
+        # otherwise underflows into denormals, whose arithmetic is ~10x slower, and carries no weight anyway.
+        levels.append(torch.nn.functional.threshold(_multiply_pairs(levels[-1]), _NEGLIGIBLE, 0.0))
+    return levels
+
+
+def _product_tree_backward(levels: Sequence[Tensor], grad: Tensor) -> Tensor:
+    """∂L/∂leaves from ∂L/∂product ``[B, K·(d − 1) + 1]``: the downward pass of the product tree.
+
+    For c = a·b, ∂L/∂a[i] = Σⱼ g[i + j]·b[j]: a product with the Hankel matrix of g, which is a strided view of g
+    (no copy), and symmetric, so one matrix serves both factors.
+    """
+    grad = grad.unsqueeze(1)
+    for polys in reversed(levels[:-1]):
+        d = polys.shape[-1]
+        hankel = grad.unfold(-1, d, 1)  # [B, m/2, d, d]: hankel[i, j] = grad[i + j]
+        factors = torch.stack([polys[:, 1::2], polys[:, 0::2]], dim=2)  # the left factor's gradient uses the right
+        grad = (hankel.unsqueeze(2) * factors.unsqueeze(-2)).sum(-1).flatten(1, 2)
+    return grad
+
+
+class _PolynomialProduct(torch.autograd.Function):
+    """∏ₖ polysₖ(z) per row with the hand-written backward of :func:`_product_tree_backward`.
+
+    Autograd through the rounds kept every strided slice and outer product of the forward and paid a zero-filled
+    buffer per slice in the backward (1.1 ms of a 3 ms cost-term step on the default space).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, polys: Tensor) -> Tensor:
+        levels = _product_tree(polys)
+        ctx.save_for_backward(*levels)
+        return levels[-1][:, 0]
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return _product_tree_backward(ctx.saved_tensors, grad)
+
+
+def _pad_factors(polys: Tensor) -> Tensor:
+    """``polys [B, K, d]`` with constant-1 factors appended up to a power of two (they change no product)."""
+    batch, factors, d = polys.shape
+    width = 1 << max(factors - 1, 0).bit_length()
+    if width == factors:
+        return polys
+    one = torch.zeros(batch, width - factors, d, dtype=polys.dtype, device=polys.device)
+    one[..., 0] = 1
+    return torch.cat([polys, one], dim=1)
+
+
+def polynomial_product(polys: Tensor) -> Tensor:
+    """Coefficients of ∏ₖ polys[b, k](z) for every row b: ``[B, K, d]`` → ``[B, K·(d − 1) + 1]``, differentiable.
+
+    K need not be a power of two: the missing factors are the constant 1, which changes no product.
+    """
+    if polys.dim() != 3:
+        raise ValueError(f"polys: expected [batch, factors, coefficients], got shape {tuple(polys.shape)}")
+    _, factors, d = polys.shape
+    product = _PolynomialProduct.apply(_pad_factors(polys).contiguous())
+    return product[:, : factors * (d - 1) + 1]
 
 
 def poisson_binomial_pmf(p: Tensor) -> Tensor:
     """P(Σᵢ Bernoulli(pᵢ) = k) for k = 0..n; ``p [..., n]`` → ``[..., n + 1]``, differentiable in ``p``."""
     n = p.shape[-1]
     batch = p.shape[:-1]
-    # Channels with p = 0 leave the pmf unchanged, so padding to a power of two keeps every round a clean pairing.
-    width = 1 << max(n - 1, 0).bit_length()
-    padded = torch.nn.functional.pad(p.reshape(-1, n), (0, width - n))
-    polys = torch.stack([1 - padded, padded], dim=-1)
-    while polys.shape[1] > 1:
-        polys = _polymul_pairs(polys[:, 0::2], polys[:, 1::2])
-    return polys[:, 0, : n + 1].reshape(*batch, n + 1)
+    flat = p.reshape(-1, n)
+    return polynomial_product(torch.stack([1 - flat, flat], dim=-1)).reshape(*batch, n + 1)
 
 
 def _as_counts(values: Sequence[int] | Tensor) -> Tensor:
@@ -196,4 +251,5 @@ __all__ = [
     "monte_carlo_table_value",
     "plugin_table_value",
     "poisson_binomial_pmf",
+    "polynomial_product",
 ]
