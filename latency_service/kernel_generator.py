@@ -36,6 +36,11 @@ class SamplingPrior:
     width_scale: float = 1.0  # multiplies every width; adaptive rounds move it around a bad configuration
     families: tuple[str, ...] = FAMILIES
     family_weights: tuple[float, ...] | None = None
+    # Real CNNs keep one activation throughout (EfficientNet SiLU, MobileNetV2 ReLU6, V3 hard-swish): a network draws
+    # one, and only with ``activation_mix`` probability draws again per block.  A SiLU that the runtime cannot fuse
+    # puts NCHWc reorders around every conv of such a network; per-block draws never produced those long runs.
+    activations: tuple[str, ...] = ("relu", "relu6", "hardswish", "silu")
+    activation_mix: float = 0.2
     max_macs: float = 6e8  # per generated network: keeps one profiling run under ~60 ms on one core
 
 
@@ -196,9 +201,8 @@ def _choice(rng: np.random.Generator, options: Sequence[T]) -> T:
     return options[int(rng.integers(len(options)))]
 
 
-def _stage(b: NetworkBuilder, family: str, x: _Tensor, cout: int, stride: int, depth: int) -> _Tensor:
+def _stage(b: NetworkBuilder, family: str, x: _Tensor, cout: int, stride: int, depth: int, act: str) -> _Tensor:
     rng = b.rng
-    act = str(_choice(rng, ("relu", "relu6", "hardswish", "silu")))
     for i in range(depth):
         s = stride if i == 0 else 1
         if family == "inverted":
@@ -276,7 +280,10 @@ def random_network(rng: np.random.Generator, prior: SamplingPrior) -> tuple[onnx
     stem_k = int(_choice(rng, (3, 3, 5, 7)))
     if family == "plain" and hw >= 128 and rng.random() < 0.3:
         stem_k, stem_stride = 11, 4  # AlexNet's stem
-    x = b.conv(b.input(), width, k=stem_k, stride=stem_stride, act="relu")
+    act = str(_choice(rng, prior.activations))
+    # ResNets, Inception, DenseNet and the plain stacks are ReLU networks; the inverted-residual families are not.
+    stem_act = act if family == "inverted" else "relu"
+    x = b.conv(b.input(), width, k=stem_k, stride=stem_stride, act=stem_act)
     if family in ("resnet", "bottleneck", "plain", "fire", "inception", "dense", "shuffle") and rng.random() < 0.6:
         x = b.pool(x, 3, 2)
     n_stages = int(rng.integers(2, 5))
@@ -291,7 +298,8 @@ def random_network(rng: np.random.Generator, prior: SamplingPrior) -> tuple[onnx
         for _ in range(depth):
             if b.macs > prior.max_macs:
                 break
-            x = _stage(b, family, x, width, stride, 1)
+            block_act = str(_choice(rng, prior.activations)) if rng.random() < prior.activation_mix else act
+            x = _stage(b, family, x, width, stride, 1, block_act)
             stride = 1
     if family == "plain" and rng.random() < 0.6:
         if x.hw % 2 == 0 and x.hw > 2 and rng.random() < 0.5:
@@ -301,7 +309,8 @@ def random_network(rng: np.random.Generator, prior: SamplingPrior) -> tuple[onnx
         out = b.linear(h, int(rng.integers(10, 1001)))
     else:
         if rng.random() < 0.5:
-            x = b.conv(x, _width(rng, x.c * 2, prior.width_scale), act=str(_choice(rng, ("relu", "hardswish"))))
+            head_act = act if family == "inverted" else str(_choice(rng, ("relu", "hardswish")))
+            x = b.conv(x, _width(rng, x.c * 2, prior.width_scale), act=head_act)
         pooled = b.flatten(b.global_pool(x, reduce_mean=rng.random() < 0.3))
         out = b.linear(pooled, int(rng.integers(10, 1001)))
-    return b.build(out), {"family": family, "hw": hw, "macs": b.macs, "nodes": len(b.nodes)}
+    return b.build(out), {"family": family, "hw": hw, "macs": b.macs, "nodes": len(b.nodes), "act": act}

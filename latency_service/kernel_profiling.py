@@ -308,12 +308,15 @@ def _adaptive_prior(bad: Sequence[ProfiledNetwork], rng: np.random.Generator, ba
     seeds = [bad[int(rng.integers(len(bad)))] for _ in range(3)]
     families = tuple(sorted({str(n.description.get("family")) for n in seeds if n.description.get("family")}))
     resolutions = tuple(sorted({int(n.description.get("hw", 64)) for n in seeds}))
+    activations = tuple(sorted({str(n.description["act"]) for n in seeds if n.description.get("act")}))
     return SamplingPrior(
         resolutions=resolutions or base.resolutions,
         resolution_weights=tuple([1.0] * len(resolutions or base.resolutions)),
         width_scale=float(rng.uniform(0.4, 1.2)),
         families=families or base.families,
         max_macs=base.max_macs,
+        activations=activations or base.activations,
+        activation_mix=base.activation_mix,
     )
 
 
