@@ -28,7 +28,6 @@ import contextlib
 import itertools
 import json
 import os
-import random
 import subprocess
 import sys
 import tempfile
@@ -40,30 +39,26 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.bench_profiling import sample_ops
 from latency_service.backends import create_backend
-from latency_service.clock_gate import REFERENCE_RUNS, REFILL_RUNS
-from latency_service.presets import preset_ops
-from predictors.ops import Conv2d, op_from_dict
+from latency_service.clock_gate import CHUNK_S, ClockGate
+from predictors.ops import op_from_dict
 
-CHUNK_S = 0.012
 SESSION_S = 0.4
 ESTIMATORS = ("plain", "gate", "ratio", "regression", "p10", "min")
 
 
-def _reference() -> Any:
-    backend = create_backend("onnxruntime", intra_op_threads=1)
-    reference = backend.prepare_op(Conv2d(cin=32, cout=32, hw=16, k=3))
-    for _ in range(100):
-        reference.time_once()
-    return backend, reference
+def _reference_check(gate: ClockGate) -> float:
+    """One check of the service's clock gate, in seconds rather than as a ratio to the nominal time."""
+    return gate.check() * gate.nominal_s
 
 
 def trace(seconds: float) -> str:
-    _, reference = _reference()
+    gate = ClockGate.for_backend(create_backend("onnxruntime", intra_op_threads=1))
     medians, stamps = [], []
     started = time.perf_counter()
     while time.perf_counter() - started < seconds:
-        medians.append(float(np.median([reference.time_once() for _ in range(REFERENCE_RUNS)])) * 1e6)
+        medians.append(_reference_check(gate) * 1e6)
         stamps.append(time.perf_counter() - started)
     values = np.array(medians)
     fastest = float(values.min())
@@ -84,7 +79,7 @@ def trace(seconds: float) -> str:
 
 def _big_kernels() -> list[dict[str, Any]]:
     """The sample bench_profiling.py --sample 200 --seed 2 draws, kept to what is >= 100 µs here (a quick look)."""
-    ops = random.Random(2).sample(preset_ops("standard"), 200)
+    ops = sample_ops("standard", 200, seed=2)
     backend = create_backend("onnxruntime", intra_op_threads=1)
     big = []
     for op in ops:
@@ -100,13 +95,8 @@ def _big_kernels() -> list[dict[str, Any]]:
 def run_worker(ops_file: Path, repeats: int) -> None:
     """Chunk-level timings of every op, ``repeats`` times, as one JSON document on stdout."""
     ops = [op_from_dict(d) for d in json.loads(ops_file.read_text())]
-    backend, reference = _reference()
-
-    def check() -> float:
-        for _ in range(REFILL_RUNS):
-            reference.time_once()
-        return float(np.median([reference.time_once() for _ in range(REFERENCE_RUNS)]))
-
+    backend = create_backend("onnxruntime", intra_op_threads=1)
+    gate = ClockGate.for_backend(backend)
     # Real-time priority as the service's protocol takes it; where it is not permitted the numbers carry more noise.
     with contextlib.suppress(OSError, AttributeError):
         os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
@@ -120,14 +110,14 @@ def run_worker(ops_file: Path, repeats: int) -> None:
                     runnable.time_once()
                 chunks = []
                 started = time.perf_counter()
-                before = check()
+                before = _reference_check(gate)
                 while time.perf_counter() - started < SESSION_S:
                     runnable.time_once()  # pays for the caches the reference used
                     chunk: list[float] = []
                     chunk_start = time.perf_counter()
                     while time.perf_counter() - chunk_start < CHUNK_S or not chunk:
                         chunk.append(runnable.time_once())
-                    after = check()
+                    after = _reference_check(gate)
                     chunks.append([before, after, chunk])
                     before = after
                 chunks_per_session.append(chunks)
@@ -168,8 +158,9 @@ def estimators(repeats: int) -> str:
         ops_file = Path(tmp) / "ops.json"
         ops_file.write_text(json.dumps(ops))
         command = [sys.executable, __file__, "--worker", str(ops_file), "--repeats", str(repeats)]
-        passes = [json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)]
-        passes.append(json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout))
+        passes = [
+            json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout) for _ in range(2)
+        ]
     checks = [c[0] for records in passes for r in records for s in r["sessions"] for c in s]
     nominal = float(min(checks))
     values = {

@@ -34,7 +34,8 @@ REPEATABLE_KERNEL_MS = 0.1
 REPEATABLE_WITHIN = 0.02
 
 
-def _sample(preset: str, size: int, seed: int) -> list[OpSpec]:
+def sample_ops(preset: str, size: int, seed: int) -> list[OpSpec]:
+    """``size`` variants of ``preset`` drawn with ``seed`` (the whole grid when ``size`` is 0 or too large)."""
     ops = preset_ops(preset)
     if size <= 0 or size >= len(ops):
         return ops
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args.load_start = _load_average()
     n_preset = len(preset_ops(args.preset))
-    ops = _sample(args.preset, args.sample, args.seed)
+    ops = sample_ops(args.preset, args.sample, args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         ops_file = Path(tmp) / "ops.json"
         ops_file.write_text(json.dumps([op.to_dict() for op in ops]))
