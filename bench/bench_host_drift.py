@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_profiling import sample_ops
 from latency_service.backends import create_backend
-from latency_service.clock_gate import CHUNK_S, ClockGate
+from latency_service.clock_gate import CHUNK_S, ClockGate, select_chunks
 from predictors.ops import op_from_dict
 
 SESSION_S = 0.4
@@ -134,13 +134,8 @@ def _session_value(chunks: list[Any], nominal: float, estimator: str) -> float:
     if estimator == "plain":
         return float(np.median(np.concatenate([c[2] for c in chunks])))
     if estimator == "gate":
-        kept = [c[2] for c, w in zip(chunks, worst, strict=True) if w <= 1.04]
-        for i in np.argsort(worst):
-            if sum(len(k) for k in kept) >= 15:
-                break
-            if worst[i] > 1.04:
-                kept.append(chunks[i][2])
-        return float(np.median(np.concatenate(kept)))
+        pairs = [(float(w), c[2]) for c, w in zip(chunks, worst, strict=True)]
+        return float(np.median(select_chunks(pairs, tolerance=0.04, min_runs=15).samples_s))
     if estimator == "ratio":
         return float(np.median(medians / slowdown))
     if estimator == "regression":

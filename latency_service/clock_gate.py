@@ -14,7 +14,7 @@ chunk passes and the gate costs ~15 % more time.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -44,6 +44,21 @@ class GatedSamples:
     samples_s: np.ndarray
     # The reference's median over the kept chunks divided by its nominal time (1.0 when nothing was kept).
     reference_ratio: float
+
+
+def select_chunks(chunks: Sequence[tuple[float, list[float]]], *, tolerance: float, min_runs: int) -> GatedSamples:
+    """The samples of the chunks whose reference ratio is within ``tolerance``; when they are fewer than
+    ``min_runs``, the chunks of the least slow states make up the difference."""
+    kept = [sample for ratio, chunk in chunks if ratio <= 1 + tolerance for sample in chunk]
+    kept_ratios = [ratio for ratio, _ in chunks if ratio <= 1 + tolerance]
+    for ratio, chunk in sorted(chunks, key=lambda item: item[0]):
+        if ratio > 1 + tolerance and len(kept) < min_runs:
+            kept.extend(chunk)
+            kept_ratios.append(ratio)
+    return GatedSamples(
+        samples_s=np.asarray(kept, dtype=np.float64),
+        reference_ratio=float(np.median(kept_ratios)) if kept_ratios else 1.0,
+    )
 
 
 class ClockGate:
@@ -144,19 +159,10 @@ class ClockGate:
                 and time.perf_counter() - self.last_fast_at > self.fast_memory_s
             ):
                 break
-        kept_ratios = [ratio for ratio, _ in chunks if ratio <= 1 + self.tolerance]
-        if len(kept) < min_runs:
-            for ratio, chunk in sorted(chunks, key=lambda item: item[0]):
-                if ratio > 1 + self.tolerance and len(kept) < min_runs:
-                    kept.extend(chunk)
-                    kept_ratios.append(ratio)
-        return GatedSamples(
-            samples_s=np.asarray(kept, dtype=np.float64),
-            reference_ratio=float(np.median(kept_ratios)) if kept_ratios else 1.0,
-        )
+        return select_chunks(chunks, tolerance=self.tolerance, min_runs=min_runs)
 
     def close(self) -> None:
         self.reference.close()
 
 
-__all__ = ["CHUNK_S", "ClockGate", "GatedSamples"]
+__all__ = ["CHUNK_S", "ClockGate", "GatedSamples", "select_chunks"]
