@@ -11,6 +11,7 @@ from model_latency_helpers import QUICK
 from latency_service.fusion_rules import detect_fusions
 from latency_service.kernel_generator import SamplingPrior, random_network
 from latency_service.kernel_profiling import (
+    MAX_OWN_DEFLATION,
     RECONCILED_FLOOR_MS,
     WALL_TRUST_BAND,
     ProfiledNetwork,
@@ -40,6 +41,19 @@ def test_the_wall_residual_is_a_per_node_cost_not_a_scale() -> None:
     assert math.isclose(sum(times), 1.530 - 0.0025, rel_tol=1e-12)
     assert times[0] == RECONCILED_FLOOR_MS  # a 2 µs node is profiler cost, not a kernel that keeps a share of it
     assert times[3] - times[2] == pytest.approx(profiled[3] - profiled[2], abs=1e-12)
+
+
+def test_a_slower_wall_is_shared_in_proportion_beyond_a_few_per_node_costs() -> None:
+    # A long network whose wall came out 10 % below its profile (the clock state changed in between): subtracting
+    # one common amount (~90 µs) would leave the 60 µs Gemm with nothing; past MAX_OWN_DEFLATION per-node costs the
+    # residual is a speed change, and every node keeps its share of it.
+    profiled = [0.060, 0.500, 2.000, 3.000, 0.004]
+    target = 0.9 * sum(profiled)
+    times, trusted = reconcile(profiled, wall_ms=target + 0.0025, overhead_ms=0.0025, inflation_ms=0.0024)
+    assert trusted
+    assert math.isclose(sum(times), target, rel_tol=1e-12)
+    assert times[0] == pytest.approx(0.9 * (0.060 - MAX_OWN_DEFLATION * 0.0024), rel=0.01)
+    assert times[3] / times[2] == pytest.approx(1.5, rel=0.01)
 
 
 def test_common_deflation_solves_the_sum_exactly() -> None:
