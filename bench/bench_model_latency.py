@@ -38,10 +38,10 @@ from latency_service.kernel_profiling import (
     ProfiledNetwork,
     block_size,
     profile_kernels_in_context,
-    reconcile_networks,
 )
 from latency_service.measurement import MeasurementConfig, measure_sessions
 from latency_service.model_latency import predict_with
+from latency_service.reconciliation import reconcile_networks
 
 NAIVE_CONFIG = MeasurementConfig(warmup_runs=3, warmup_s=0.02, min_runs=10, min_time_s=0.04, max_time_s=0.4, sessions=3)
 

@@ -33,8 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from latency_service.backends.onnxruntime import OnnxRuntimeBackend
 from latency_service.kernel_fit import METHODS, fit_kernel_predictor, network_errors
-from latency_service.kernel_profiling import ProfiledNetwork, block_size, fit_inflation, optimise, reconcile
+from latency_service.kernel_profiling import ProfiledNetwork, block_size, optimise
 from latency_service.model_latency import validate_model
+from latency_service.reconciliation import fit_inflation, reconcile
 from predictors.kernel_shapes import static_shapes
 from predictors.kernels import Kernel, decompose, rederive_conv_work
 

@@ -6,13 +6,7 @@ its fusions and pays a run() of its own.  Here each generated network (:mod:`lat
 once with onnxruntime's profiler, which gives a time per node of the *optimised* graph, and once without it through
 the service's measurement protocol, which gives the true end-to-end median.
 
-Reconciliation: the profiler inflates every node (timestamps and memory statistics per node) so per-node times sum
-to more than the un-profiled wall time.  On 529 generated networks the excess Σ profiled − (wall − per-run constant)
-is ~2.1 µs per node and does not grow with the node's own time (a robust fit of a + b·profiled gives b ≈ 0.002), so
-each trusted network's nodes get one common per-node amount subtracted, chosen so that they sum exactly to
-``wall - per-run constant`` (the per-run constant is the empty model's time).  Equal subtraction, not a pro-rata
-scale: a wall that differs from the fitted inflation's prediction is a per-node cost of that network, and scaling
-would push it into the big kernels.  No node keeps a share of its profiled time: a 2 µs Reshape is ~all profiler.
+Reconciliation of the per-node times to the wall: :mod:`latency_service.reconciliation`.
 """
 
 from __future__ import annotations
@@ -34,6 +28,7 @@ from latency_service.backends.base import Backend
 from latency_service.clock_gate import ClockGate
 from latency_service.kernel_generator import SamplingPrior, random_network
 from latency_service.measurement import MeasurementConfig, measure_overhead, measure_sessions
+from latency_service.reconciliation import DEFAULT_INFLATION_MS, agreement, reconcile_networks, wall_credible
 from predictors.kernels import Kernel, decompose, network_kernel_bytes, rederive_conv_work
 
 # Profiled runs per network after the warm-up; node medians over these are stable to ~1 µs (the profiler's unit).
@@ -41,25 +36,7 @@ PROFILE_RUNS = 16
 # A profiled run counts as undisturbed when its node sum is within this factor of the fastest run's.
 CLEAN_RUN_MARGIN = 1.10
 PROFILE_WARMUP = 3
-# The least a reconciled node keeps (ms).  Not a share of the profiled time: keeping 15 % of it gave every 2-3 µs
-# node ~0.4 µs of profiler time, and grouped CV on generated networks went from 85.8 % within ±10 % to 90.6 % when
-# that clamp became this floor (1e-6 and 3e-5 score the same).
-RECONCILED_FLOOR_MS = 1e-5
-# Starting value of the per-node profiler inflation before enough networks exist to fit it.
-DEFAULT_INFLATION_MS = 0.002
-# A wall within this relative distance of the deflated node sum is believed; further away one of the two timings
-# was disturbed (another process took the core), and the network is profiled again, at most PROFILE_ATTEMPTS times.
-WALL_TRUST_BAND = 0.15
-# A credible wall's residual is taken from every node alike up to this multiple of the fitted per-node inflation;
-# the rest is a change of speed between the profiled runs and the wall (a clock state, a neighbour) and is shared in
-# proportion.  Uncapped, a 4-26 ms network whose wall sat 10 % below its profile lost 20-230 µs from every node: its
-# 60-500 µs Gemms were stored as ~0 µs and the forest then predicted a VGG's 680 µs 2048x2048 Gemm at 63 µs.  Grouped
-# CV on 463 generated networks, within ±10 %: uncapped 86.8 %, pro rata only 88.1 %, cap 1x 87.5 %, 2x 88.8 %,
-# 3x 89.0 %, 5x and 10x 89.2 % (the smallest cap within noise of the best).
-MAX_OWN_DEFLATION = 3.0
 PROFILE_ATTEMPTS = 2
-# Networks this short are rarely preempted (a scheduler slice is ~4 ms): they calibrate the inflation.
-SHORT_NETWORK_MS = 2.0
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -208,71 +185,6 @@ def clean_node_medians(durations: dict[str, list[float]]) -> dict[str, float]:
     return {name: float(m) for name, m in zip(durations, medians, strict=True)}
 
 
-def reconcile(
-    profiled_ms: Sequence[float], wall_ms: float, overhead_ms: float, inflation_ms: float
-) -> tuple[list[float], bool]:
-    """Per-node times with the profiler's inflation removed, summing to ``wall - overhead`` when the wall is credible.
-
-    Returns the times and whether the wall was used.  ``inflation_ms`` (the per-node inflation fitted over many
-    networks) decides credibility: on a shared CPU a run longer than a scheduler slice (~4 ms here) is often
-    preempted, which adds whole slices to the un-profiled median while per-node medians stay clean, so a wall more
-    than WALL_TRUST_BAND away from the deflated node sum is not believed and the deflated times are kept.  A credible
-    wall sets this network's own per-node inflation (:func:`common_deflation`, at most MAX_OWN_DEFLATION times the
-    fitted one); what that leaves over is a change of speed and scales every node alike.
-    """
-    profiled = np.asarray(profiled_ms, dtype=np.float64)
-    if profiled.size == 0:
-        return [], False
-    deflated = np.maximum(profiled - inflation_ms, RECONCILED_FLOOR_MS)
-    target = wall_ms - overhead_ms
-    trusted = abs(max(target, 1e-6) / float(deflated.sum()) - 1.0) <= WALL_TRUST_BAND
-    if not trusted:
-        return [float(v) for v in deflated], False
-    own = min(max(common_deflation(profiled, target), 0.0), MAX_OWN_DEFLATION * inflation_ms)
-    kept = np.maximum(profiled - own, RECONCILED_FLOOR_MS)
-    return [float(v) for v in kept * (target / float(kept.sum()))], True
-
-
-def common_deflation(profiled: np.ndarray, target_ms: float) -> float:
-    """The amount d with Σ max(profiled − d, floor) = ``target_ms`` (exact; d < 0 when the target exceeds the sum).
-
-    The sum falls piecewise linearly in d; with the nodes sorted by time, the k largest stay above the floor and
-    d = (Σ top k − target + (n − k)·floor) / k for the one k where that is consistent.
-    """
-    n = profiled.size
-    if target_ms <= n * RECONCILED_FLOOR_MS:
-        return float(profiled.max())  # nothing is left for any node: all sit at the floor
-    ordered = np.sort(profiled)[::-1]
-    kept = np.arange(1, n + 1)
-    candidates = (np.cumsum(ordered) - target_ms + (n - kept) * RECONCILED_FLOOR_MS) / kept
-    smallest_kept_above = ordered - candidates >= RECONCILED_FLOOR_MS - 1e-12
-    next_at_floor = np.append(ordered[1:] - candidates[:-1] <= RECONCILED_FLOOR_MS + 1e-12, True)
-    k = int(np.flatnonzero(smallest_kept_above & next_at_floor)[0])
-    return float(candidates[k])
-
-
-def agreement(network: ProfiledNetwork, inflation_ms: float = DEFAULT_INFLATION_MS) -> float:
-    """(wall − overhead) / Σ deflated node times: 1 when the profile and the un-profiled wall tell the same story."""
-    profiled = np.asarray(network.profiled_ms, dtype=np.float64)
-    deflated = np.maximum(profiled - inflation_ms, RECONCILED_FLOOR_MS)
-    return max(network.wall_ms - network.overhead_ms, 1e-6) / float(deflated.sum())
-
-
-def fit_inflation(networks: Sequence[ProfiledNetwork]) -> float:
-    """The per-node profiler inflation δ: the median over short networks of (Σ profiled − (wall − overhead)) / n.
-
-    Only networks shorter than SHORT_NETWORK_MS enter: they are rarely preempted, so their walls are clean.
-    """
-    estimates = [
-        (sum(n.profiled_ms) - (n.wall_ms - n.overhead_ms)) / len(n.profiled_ms)
-        for n in networks
-        if n.profiled_ms and n.wall_ms < SHORT_NETWORK_MS
-    ]
-    if len(estimates) < 3:
-        return DEFAULT_INFLATION_MS
-    return float(np.clip(np.median(estimates), 0.0, 0.01))
-
-
 def profile_network(
     backend: Backend,
     model: onnx.ModelProto,
@@ -384,7 +296,8 @@ def profile_kernels_in_context(
                             gate=gate,
                         )
                     )
-                if abs(agreement(attempts[-1]) - 1.0) <= WALL_TRUST_BAND:
+                last = attempts[-1]
+                if wall_credible(last.profiled_ms, last.wall_ms, last.overhead_ms, DEFAULT_INFLATION_MS):
                     break
             network = min(attempts, key=lambda n: abs(agreement(n) - 1.0))
             description["attempts"] = len(attempts)
@@ -398,14 +311,3 @@ def profile_kernels_in_context(
             bad = [n for n, e in zip(trusted, errors, strict=True) if abs(e) > 0.10]
     reconcile_networks(networks)
     return [sample for network in networks for sample in network.samples()]
-
-
-def reconcile_networks(networks: Sequence[ProfiledNetwork]) -> float:
-    inflation = fit_inflation(networks)
-    for network in networks:
-        network.reconciled_ms, network.wall_trusted = reconcile(
-            network.profiled_ms, network.wall_ms, network.overhead_ms, inflation
-        )
-        network.description["inflation_ms"] = inflation
-        network.description["wall_trusted"] = network.wall_trusted
-    return inflation

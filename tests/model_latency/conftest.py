@@ -11,7 +11,8 @@ from model_latency_helpers import QUICK, TINY_PRIOR
 from latency_service.backends.onnxruntime import OnnxRuntimeBackend
 from latency_service.clock_gate import ClockGate
 from latency_service.kernel_fit import MIN_CLASS_SAMPLES
-from latency_service.kernel_profiling import ProfiledNetwork, profile_kernels_in_context, reconcile_networks
+from latency_service.kernel_profiling import ProfiledNetwork, profile_kernels_in_context
+from latency_service.reconciliation import reconcile_networks
 
 
 @pytest.fixture(scope="session")

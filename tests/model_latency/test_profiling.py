@@ -10,16 +10,15 @@ from model_latency_helpers import QUICK
 
 from latency_service.fusion_rules import detect_fusions
 from latency_service.kernel_generator import SamplingPrior, random_network
-from latency_service.kernel_profiling import (
+from latency_service.kernel_profiling import ProfiledNetwork, block_size, profile_network
+from latency_service.reconciliation import (
     MAX_OWN_DEFLATION,
     RECONCILED_FLOOR_MS,
     WALL_TRUST_BAND,
-    ProfiledNetwork,
-    block_size,
     common_deflation,
     fit_inflation,
-    profile_network,
     reconcile,
+    wall_credible,
 )
 
 
@@ -175,3 +174,16 @@ def test_fusion_verdict_follows_the_measured_times(backend) -> None:
         assert min(rule.first_ms, rule.second_ms, rule.chained_ms) > 0, rule
         margin = rule.first_ms + rule.second_ms - rule.chained_ms
         assert rule.fused == (margin > 0.5 * min(rule.first_ms, rule.second_ms)), rule
+
+
+def test_a_wall_is_believed_when_its_per_node_cost_is_a_usual_one() -> None:
+    # 150 sub-µs nodes profiled at ~3 µs each: a clean wall implies 1.9 µs per node where 2.4 µs was fitted, so the
+    # deflated sum is 45 % below it (outside the band) — but 1.9 µs is a per-node cost short networks show.
+    profiled = [0.0030] * 150
+    wall = 150 * (0.0030 - 0.0019) + 0.0025
+    assert abs((wall - 0.0025) / (150 * (0.0030 - 0.0024)) - 1.0) > WALL_TRUST_BAND
+    assert wall_credible(profiled, wall, 0.0025, 0.0024)
+    times, trusted = reconcile(profiled, wall, 0.0025, 0.0024)
+    assert trusted and math.isclose(sum(times), wall - 0.0025, rel_tol=1e-12)
+    # A wall that implies no profiler cost at all (a preempted un-profiled run) is still not believed.
+    assert not wall_credible(profiled, 150 * 0.0030 + 0.0025, 0.0025, 0.0024)
