@@ -79,9 +79,11 @@ def test_gate_flags_a_measurement_that_saw_only_the_slow_state() -> None:
 
 def test_a_slow_clock_state_is_not_re_measured() -> None:
     # The state outlasts the window (as the host's slow states do): another attempt would only spend the time budget.
+    # No contention probe: a busy neighbour (a parallel CI run) would add its own flag and retry, not the clock's.
     config = MeasurementConfig(
-        warmup_runs=1, warmup_s=0.0, min_runs=10, min_time_s=0.02, max_time_s=0.15, realtime=False, max_attempts=3
-    )
+        warmup_runs=1, warmup_s=0.0, min_runs=10, min_time_s=0.02, max_time_s=0.15, realtime=False, max_attempts=3,
+        contention_threshold=None,
+    )  # fmt: skip
     machine = Machine(period_s=60.0)
     gate = ClockGate(SleepKernel(machine, 0.0002), tolerance=0.25, calibration_s=0.1)
     machine.slow = True
