@@ -221,9 +221,14 @@ def _stage(b: NetworkBuilder, family: str, x: _Tensor, cout: int, stride: int, d
             if family == "resnet":
                 h = b.conv(b.conv(x, cout, k=3, stride=s, act="relu"), cout, k=3)
             else:
-                width = _width(rng, cout / 4, 1.0)
-                groups = int(_choice(rng, (1, 1, 2, 4, 8)))
-                width = max(groups, width // groups * groups)
+                if rng.random() < 1 / 3:  # RegNet-style: bottleneck ratio 1, a fixed group width, many groups
+                    group_width = int(_choice(rng, (8, 16, 24, 32)))
+                    groups = max(1, round(cout / group_width))
+                    width = groups * group_width
+                else:  # ResNeXt/ResNet-style: a quarter of the width, a few groups
+                    width = _width(rng, cout / 4, 1.0)
+                    groups = int(_choice(rng, (1, 1, 2, 4, 8)))
+                    width = max(groups, width // groups * groups)
                 h = b.conv(b.conv(x, width, act="relu"), width, k=3, stride=s, groups=groups, act="relu")
                 h = b.conv(h, cout)
             x = b.act(b.add(h, shortcut), "relu")
