@@ -87,13 +87,21 @@ def wall_credible(
     profiled = np.asarray(profiled_ms, dtype=np.float64)
     if profiled.size == 0:
         return False
-    target = wall_ms - overhead_ms
-    deflated = np.maximum(profiled - inflation_ms, RECONCILED_FLOOR_MS)
-    if abs(max(target, 1e-6) / float(deflated.sum()) - 1.0) <= WALL_TRUST_BAND:
+    if abs(wall_ratio(profiled, wall_ms, overhead_ms, inflation_ms) - 1.0) <= WALL_TRUST_BAND:
         return True
-    own = (float(profiled.sum()) - target) / profiled.size
     low, high = OWN_INFLATION_RANGE
-    return low * inflation_ms <= own <= high * inflation_ms
+    return low * inflation_ms <= implied_inflation(profiled, wall_ms, overhead_ms) <= high * inflation_ms
+
+
+def wall_ratio(profiled: np.ndarray, wall_ms: float, overhead_ms: float, inflation_ms: float) -> float:
+    """(wall − overhead) / Σ deflated node times: 1 when the profile and the un-profiled wall tell the same story."""
+    deflated = np.maximum(profiled - inflation_ms, RECONCILED_FLOOR_MS)
+    return max(wall_ms - overhead_ms, 1e-6) / float(deflated.sum())
+
+
+def implied_inflation(profiled: Sequence[float] | np.ndarray, wall_ms: float, overhead_ms: float) -> float:
+    """The per-node profiler cost a wall implies: (Σ profiled − (wall − overhead)) / n."""
+    return (float(sum(profiled)) - (wall_ms - overhead_ms)) / len(profiled)
 
 
 def common_deflation(profiled: np.ndarray, target_ms: float) -> float:
@@ -115,10 +123,9 @@ def common_deflation(profiled: np.ndarray, target_ms: float) -> float:
 
 
 def agreement(network: ProfiledNetwork, inflation_ms: float = DEFAULT_INFLATION_MS) -> float:
-    """(wall − overhead) / Σ deflated node times: 1 when the profile and the un-profiled wall tell the same story."""
-    profiled = np.asarray(network.profiled_ms, dtype=np.float64)
-    deflated = np.maximum(profiled - inflation_ms, RECONCILED_FLOOR_MS)
-    return max(network.wall_ms - network.overhead_ms, 1e-6) / float(deflated.sum())
+    """:func:`wall_ratio` of a profiled network."""
+    return wall_ratio(np.asarray(network.profiled_ms, dtype=np.float64), network.wall_ms, network.overhead_ms,
+                      inflation_ms)  # fmt: skip
 
 
 def fit_inflation(networks: Sequence[ProfiledNetwork]) -> float:
@@ -127,7 +134,7 @@ def fit_inflation(networks: Sequence[ProfiledNetwork]) -> float:
     Only networks shorter than SHORT_NETWORK_MS enter: they are rarely preempted, so their walls are clean.
     """
     estimates = [
-        (sum(n.profiled_ms) - (n.wall_ms - n.overhead_ms)) / len(n.profiled_ms)
+        implied_inflation(n.profiled_ms, n.wall_ms, n.overhead_ms)
         for n in networks
         if n.profiled_ms and n.wall_ms < SHORT_NETWORK_MS
     ]
