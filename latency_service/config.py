@@ -101,7 +101,8 @@ class Settings(BaseSettings):
     max_attempts: int | None = Field(default=None, ge=1)
     # Independently built runtime sessions each variant and model is timed on (their medians' median is stored).
     sessions: int | None = Field(default=None, ge=1)
-    # Seconds of in-context kernel profiling the standard preset spends after its operator grid (None: the default).
+    # Seconds of in-context kernel profiling the standard preset spends after its operator grid (None: what the grid
+    # left of the preset's 20 minutes, at most 480 s; kernel_profiling.in_context_budget).
     kernel_budget_s: float | None = Field(default=None, gt=0)
     # Busy cores seen from other processes above which a measurement is flagged "contention"; 0 switches it off.
     contention_threshold: float | None = Field(default=None, ge=0)

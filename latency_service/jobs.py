@@ -14,6 +14,7 @@ import os
 import secrets
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -145,6 +146,7 @@ def run_job(
     Stops early, leaving the job resumable, when ``should_stop()`` turns true; stops for good when the job is
     cancelled.  A variant that fails is counted in ``failed`` and the job goes on.
     """
+    grid_started = time.monotonic()
     with transaction(session_factory) as session:
         job = job_store.get_job(session=session, job_id=job_id)
         force = job.force
@@ -181,7 +183,12 @@ def run_job(
         # The standard preset's second half (issue 3): kernels profiled inside generated networks, so whole-model
         # predictions see the runtime's fusions and layout.  A crash here leaves the job running; resume redoes it.
         try:
-            _profile_in_context(device_id=device_id, session_factory=session_factory, measuring=measuring)
+            _profile_in_context(
+                device_id=device_id,
+                session_factory=session_factory,
+                measuring=measuring,
+                grid_elapsed_s=time.monotonic() - grid_started,
+            )
         except Exception as exc:  # the operator grid is stored; the job reports what failed after it
             logger.warning("job %s: in-context profiling failed: %s", job_id, exc)
             _fail_job(session_factory, job_id, RuntimeError(f"in-context kernel profiling: {exc}"))
@@ -249,18 +256,24 @@ def _measure_item(
         return job_store.mark_item(session=session, job_id=job_id, position=position, status="done")
 
 
-def _profile_in_context(*, device_id: str, session_factory: sessionmaker[Session], measuring: MeasuringSession) -> None:
-    from latency_service.kernel_profiling import STANDARD_BUDGET_S
+def _profile_in_context(
+    *, device_id: str, session_factory: sessionmaker[Session], measuring: MeasuringSession, grid_elapsed_s: float
+) -> None:
+    from latency_service.kernel_profiling import in_context_budget
     from latency_service.model_latency import run_in_context_profiling
 
+    # A configured budget is used as it is; the default shares the preset's 20 minutes with the grid just run.
     budget = measuring.settings.kernel_budget_s
+    if budget is None:
+        budget = in_context_budget(grid_elapsed_s)
+        logger.info("in-context profiling: %.0f s after a %.0f s operator grid", budget, grid_elapsed_s)
     run_in_context_profiling(
         session_factory=session_factory,
         measuring=measuring,
         device_id=device_id,
         device_class=measuring.settings.resolved_device_class,
         lock=MEASUREMENT_LOCK,
-        budget_s=STANDARD_BUDGET_S if budget is None else budget,
+        budget_s=budget,
     )
 
 

@@ -187,3 +187,35 @@ def test_a_wall_is_believed_when_its_per_node_cost_is_a_usual_one() -> None:
     assert trusted and math.isclose(sum(times), wall - 0.0025, rel_tol=1e-12)
     # A wall that implies no profiler cost at all (a preempted un-profiled run) is still not believed.
     assert not wall_credible(profiled, 150 * 0.0030 + 0.0025, 0.0025, 0.0024)
+
+
+def test_the_standard_preset_shares_its_twenty_minutes_with_the_operator_grid() -> None:
+    from latency_service.kernel_profiling import (
+        AFTER_PROFILING_RESERVE_S,
+        MIN_IN_CONTEXT_BUDGET_S,
+        STANDARD_BUDGET_S,
+        STANDARD_PRESET_S,
+        in_context_budget,
+    )
+
+    assert in_context_budget(300.0) == STANDARD_BUDGET_S  # a fast grid leaves more than the cap
+    slow_grid = 723.0  # the 932-variant grid on the Intel dev host
+    assert in_context_budget(slow_grid) == pytest.approx(STANDARD_PRESET_S - slow_grid - AFTER_PROFILING_RESERVE_S)
+    assert slow_grid + in_context_budget(slow_grid) + AFTER_PROFILING_RESERVE_S <= STANDARD_PRESET_S
+    assert in_context_budget(STANDARD_PRESET_S) == MIN_IN_CONTEXT_BUDGET_S  # never nothing
+
+
+def test_the_job_passes_the_budget_the_grid_left(monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    import latency_service.model_latency as model_latency
+    from latency_service import jobs
+    from latency_service.kernel_profiling import in_context_budget
+
+    budgets: list[float] = []
+    monkeypatch.setattr(model_latency, "run_in_context_profiling", lambda **kw: budgets.append(kw["budget_s"]))
+    measuring = SimpleNamespace(settings=SimpleNamespace(kernel_budget_s=None, resolved_device_class="cpu"))
+    jobs._profile_in_context(device_id="d", session_factory=None, measuring=measuring, grid_elapsed_s=800.0)
+    measuring.settings.kernel_budget_s = 30.0
+    jobs._profile_in_context(device_id="d", session_factory=None, measuring=measuring, grid_elapsed_s=800.0)
+    assert budgets == [in_context_budget(800.0), 30.0]
